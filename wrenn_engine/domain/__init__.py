@@ -1,0 +1,1 @@
+"""Plain data: events, VMConfig and the sandbox state fold. No I/O."""
