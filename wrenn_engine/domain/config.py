@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -188,6 +189,12 @@ _REQUIRED_HINTS = {
 }
 
 
+def validate_sandbox_id(value: str) -> None:
+    """Raise ConfigError unless ``value`` is a sandbox id that is safe to use
+    in paths, interface names and command lines."""
+    _check_sandbox_id(value)
+
+
 def _check_sandbox_id(value: str) -> None:
     limit = (
         f"1 to {SANDBOX_ID_MAX} characters of a-z, 0-9, '-' and '_', starting "
@@ -280,9 +287,15 @@ def _check_path(field: str, value: str) -> None:
     if not value.startswith("/"):
         raise ConfigError(field, f"{value!r} is not an absolute path",
                           hint="give the full path, starting with '/'")
-    if "\x00" in value or any(part == ".." for part in value.split("/")):
-        raise ConfigError(field, f"{value!r} contains '..' or a NUL byte",
+    if "\x00" in value:
+        raise ConfigError(field, f"{value!r} contains a NUL byte",
                           hint="give a plain absolute path")
+    if os.path.normpath(value) != value:
+        raise ConfigError(
+            field, f"{value!r} is not in normal form",
+            limit="no '.', '..', '//' or trailing '/'",
+            hint=f"write it as {os.path.normpath(value)!r}",
+        )
     if "," in value or "=" in value:
         raise ConfigError(
             field, f"{value!r} contains ',' or '='",

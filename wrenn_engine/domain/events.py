@@ -294,6 +294,12 @@ class VmmEventObserved(Event):
     source: str
     event: str
     properties: dict[str, Any] = field(default_factory=dict)
+    #: The VMM's own clock: seconds since it started.
+    vmm_time_s: float = 0.0
+    #: The VMM process that wrote it and the byte offset after the line, so
+    #: an engine that restarts resumes reading where the log says it stopped.
+    pid: int | None = None
+    offset: int = 0
 
 
 @event_type
@@ -356,3 +362,19 @@ RESOURCE_KINDS: dict[str, str] = {
 
 def resource_key(kind: str, name: str) -> str:
     return f"{kind}:{name}"
+
+
+# --- streams ----------------------------------------------------------------------
+
+#: Streams that are not sandboxes: a host's own record (reconcile actions on
+#: objects no sandbox holds). "." is outside the sandbox id alphabet, so a
+#: host stream can never collide with a sandbox.
+HOST_STREAM_PREFIX = "host."
+
+
+def host_stream(host_id: str) -> str:
+    return f"{HOST_STREAM_PREFIX}{host_id}"
+
+
+def is_sandbox_stream(stream_id: str) -> bool:
+    return not stream_id.startswith(HOST_STREAM_PREFIX)
