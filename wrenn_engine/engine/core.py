@@ -236,6 +236,15 @@ class Engine:
         return self._command("halt", sandbox_id, "system", None, wait, options,
                              causation_id=causation_id)
 
+    def touch(self, sandbox_id: str, detail: str = "", *, actor: str = "api") -> None:
+        """Record that the sandbox was used: its inactivity timer starts again."""
+        with self.hold(sandbox_id, "touch", wait=True):
+            sandbox = self.get(sandbox_id)
+            self.store.append(
+                sandbox_id, [ev.ActivityRecorded(detail).to_new()],
+                expected_version=sandbox.version, metadata=self._metadata(actor, None),
+            )
+
     # --- queries ----------------------------------------------------------------------
 
     def get(self, sandbox_id: str) -> SandboxState:
