@@ -424,7 +424,7 @@ class Engine:
 
     def _free_slot(self, refused: set[int]) -> int:
         held = self.store.network_slots(self.host_id)
-        for slot in range(1, self.settings.lifecycle.max_slots + 1):
+        for slot in range(self.settings.lifecycle.max_slots):
             if slot in held or slot in refused:
                 continue
             if self.drivers.network.slot_in_use(slot):

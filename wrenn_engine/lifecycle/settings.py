@@ -11,7 +11,7 @@ class LifecycleSettings:
     launch_timeout_s: float = 10.0
     #: Seconds for a graceful VM and VMM shutdown before SIGTERM, then SIGKILL.
     shutdown_timeout_s: float = 5.0
-    #: Highest network slot number handed out (slots start at 1).
+    #: How many network slots there are (0 to max_slots - 1).
     max_slots: int = 4096
     #: How many times a step re-plans when its slot was taken concurrently.
     slot_retries: int = 16
