@@ -359,9 +359,9 @@ def test_a_guest_poweroff_stops_the_sandbox(make_engine: EngineFactory, files):
     engine = make_engine(workers=True, watch_interval_s=0.05, inactivity_interval_s=60)
     sandbox = create(engine, files)
     monitor = sandbox.facts["event_monitor"]
-    with open(monitor, "a") as f:
-        f.write('{"timestamp": {"secs": 3, "nanos": 5}, "source": "vm", '
-                '"event": "shutdown", "properties": null}\n')
+    with open(monitor, "a") as f:  # the VMM writes pretty JSON, a blank line after
+        f.write('{\n  "timestamp": {"secs": 3, "nanos": 5},\n  "source": "vm",\n'
+                '  "event": "shutdown",\n  "properties": null\n}\n\n')
 
     stopped = engine.wait(sandbox.id, "stopped", timeout=10)
     assert stopped.facts["exit_reason"] == "guest-shutdown"

@@ -11,9 +11,7 @@ sandbox while a command wants it, stopped cleanly by ``Engine.close``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +22,7 @@ from wrenn_engine.domain.events import Metadata
 from wrenn_engine.domain.state import SandboxState, State
 from wrenn_engine.errors import SandboxBusy, WrennError
 from wrenn_engine.host.base import VmmProcess
+from wrenn_engine.host.vmm.monitor import VmmEvent, read_events
 from wrenn_engine.lifecycle.runner import describe
 
 if TYPE_CHECKING:
@@ -71,45 +70,17 @@ class Watched:
     offset: int = 0
 
 
-def read_monitor(path: str, offset: int) -> tuple[list[tuple[dict[str, Any], int]], int]:
-    """Complete JSON lines of an event-monitor file after ``offset``.
+def exit_reason(items: list[VmmEvent]) -> str | None:
+    """The guest-initiated exit these monitor events announce, if any.
 
-    Returns ``[(event, offset after its line)]`` and the new offset. A
-    partial last line is left for the next read; a line that is not JSON is
-    kept as ``{"source": "unparsed", "event": <text>}`` rather than lost.
+    Only events read while the sandbox is at rest are classified: the
+    events of the engine's own commands (a ``vm.shutdown`` during stop) are
+    drained by the command itself, with the sandbox held.
     """
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < offset:
-                offset = 0  # a new VMM started a new file
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], offset
-    out: list[tuple[dict[str, Any], int]] = []
-    position = offset
-    for raw in data.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break
-        position += len(raw)
-        text = raw.strip()
-        if not text:
-            continue
-        try:
-            item = json.loads(text)
-        except ValueError:
-            item = {"source": "unparsed", "event": text.decode(errors="replace")[:200]}
-        out.append((item, position))
-    return out, position
-
-
-def exit_reason(items: list[dict[str, Any]]) -> str | None:
-    """The guest-initiated exit these monitor events announce, if any."""
     for item in items:
-        source, event = item.get("source"), item.get("event")
-        if source == "guest" and event == "panic":
+        if item.source == "guest" and item.event == "panic":
             return "guest-panic"
-        if source == "vm" and event == "shutdown":
+        if item.source == "vm" and item.event == "shutdown":
             return "guest-shutdown"
     return None
 
@@ -192,18 +163,17 @@ class VmmWatcher(Worker):
             return None
         offset = entry.offset if entry else 0
         pid = entry.process.pid if entry else None
-        items, new_offset = read_monitor(path, offset)
+        items, new_offset = read_events(path, offset)
         if not items:
             return None
         self._append(sandbox, [
-            ev.VmmEventObserved(
-                str(item.get("source", "")), str(item.get("event", "")),
-                dict(item.get("properties") or {}), _vmm_time(item), pid, end)
-            for item, end in items
+            ev.VmmEventObserved(item.source, item.event, dict(item.properties),
+                                item.secs + item.nanos / 1e9, pid, new_offset)
+            for item in items
         ])
         if entry is not None:
             entry.offset = new_offset
-        return exit_reason([item for item, _ in items]) if classify else None
+        return exit_reason(items) if classify else None
 
     def _recorded_offset(self, sandbox_id: str, pid: int) -> int:
         for event in reversed(self.engine.store.read_stream(sandbox_id)):
@@ -217,14 +187,6 @@ class VmmWatcher(Worker):
             metadata=Metadata("system", host_id=self.engine.host_id),
         )
         sandbox.version += len(events)
-
-
-def _vmm_time(item: dict[str, Any]) -> float:
-    stamp = item.get("timestamp") or {}
-    try:
-        return float(stamp.get("secs", 0)) + float(stamp.get("nanos", 0)) / 1e9
-    except (TypeError, ValueError, AttributeError):
-        return 0.0
 
 
 class InactivityWorker(Worker):
