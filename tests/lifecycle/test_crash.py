@@ -82,11 +82,17 @@ def test_crash_then_reconcile_leaves_host_and_log_agreeing(tmp_path, files,
                                                            sqlite_url, command,
                                                            failpoint):
     host_file = str(tmp_path / "host.json")
-    setup_done = "create"
-    for step in SETUPS[command]:
-        ran = _child(sqlite_url, host_file, files, setup_done, step, None)
-        assert ran.returncode == 0, ran.stderr
-        setup_done = "none"
+    setup = Engine.open(sqlite_url, drivers=FakeHost(path=host_file).drivers(),
+                        settings=settings_for(files), failpoints=Failpoints({}),
+                        auto_upgrade=True)
+    try:
+        setup.create(kernel_path=files["kernel"], rootfs_path=files["image"],
+                     sandbox_id="sb-crash", start=False)
+        for step in SETUPS[command]:
+            getattr(setup, step)("sb-crash")
+    finally:
+        setup.close()
+    setup_done = "none"
 
     crashed = _child(sqlite_url, host_file, files, setup_done, command, failpoint)
     assert crashed.returncode == -9, (crashed.stdout, crashed.stderr)

@@ -26,6 +26,7 @@ from wrenn_engine.domain.config import VMConfig, validate_sandbox_id
 from wrenn_engine.domain.events import Metadata, RecordedEvent
 from wrenn_engine.domain.state import SandboxState, State, state_at
 from wrenn_engine.engine.settings import EngineSettings
+from wrenn_engine.engine.workers import MonitorLog
 from wrenn_engine.errors import (
     CommandFailed,
     ConcurrencyError,
@@ -79,6 +80,9 @@ class Engine:
         self._changed = threading.Condition()
         self._closed = False
         self._workers: list[Any] = []
+        self.monitor = MonitorLog(self)
+        for sandbox in store.list_sandboxes(states=[State.RUNNING], host_id=self.host_id):
+            self.monitor.resume_from_log(sandbox.id)
 
     # --- opening and closing ----------------------------------------------------------
 
@@ -372,13 +376,19 @@ class Engine:
                                     allowed_sources(command))
 
     def _after_run(self, sandbox: SandboxState) -> None:
+        """With the sandbox still held: record the VMM's monitor events and
+        tell the workers what changed."""
+        try:
+            self.monitor.drain(sandbox, classify=False)
+        except WrennError as exc:
+            log.warning("sandbox %s: could not record VMM events: %s", sandbox.id,
+                        describe(exc))
         for worker in self._workers:
             after = getattr(worker, "after_command", None)
             if after is not None:
                 after(sandbox)
         if sandbox.state == State.DESTROYED:
-            with self._guard:
-                self._holders.pop(sandbox.id, None)
+            self.monitor.forget(sandbox.id)
 
     @contextlib.contextmanager
     def hold(self, sandbox_id: str, command: str, wait: bool) -> Iterator[None]:

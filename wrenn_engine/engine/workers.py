@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wrenn_engine.domain import events as ev
 from wrenn_engine.domain.events import Metadata
@@ -63,13 +62,6 @@ class Worker:
         raise NotImplementedError
 
 
-@dataclass
-class Watched:
-    process: VmmProcess
-    monitor_path: str
-    offset: int = 0
-
-
 def exit_reason(items: list[VmmEvent]) -> str | None:
     """The guest-initiated exit these monitor events announce, if any.
 
@@ -85,35 +77,80 @@ def exit_reason(items: list[VmmEvent]) -> str | None:
     return None
 
 
+class MonitorLog:
+    """Records each sandbox's VMM event-monitor output as engine events.
+
+    Not a thread: the engine calls ``drain`` with the sandbox held, after
+    every command and from the watcher. It keeps, per sandbox, the VMM pid
+    and the byte offset read so far; both are also in each recorded event,
+    so an engine that restarts resumes where the log says it stopped.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._read: dict[str, tuple[int | None, int]] = {}
+
+    def resume_from_log(self, sandbox_id: str) -> None:
+        for event in reversed(self.engine.store.read_stream(sandbox_id)):
+            if event.type == "vmm.event_observed":
+                with self._lock:
+                    self._read[sandbox_id] = (event.data.get("pid"),
+                                              int(event.data.get("offset") or 0))
+                return
+
+    def drain(self, sandbox: SandboxState, classify: bool) -> str | None:
+        """Record new monitor events; with ``classify``, return the
+        guest-initiated exit they announce, if any."""
+        path = sandbox.facts.get("event_monitor")
+        if not path:
+            return None
+        vmm = sandbox.facts.get("vmm")
+        pid = int(vmm["pid"]) if vmm else None
+        with self._lock:
+            known_pid, offset = self._read.get(sandbox.id, (pid, 0))
+        if pid is not None and known_pid is not None and pid != known_pid:
+            offset = 0  # a new VMM started a new file
+        pid = pid if pid is not None else known_pid
+
+        items, new_offset = read_events(path, offset)
+        if items:
+            self.engine.store.append(
+                sandbox.id,
+                [ev.VmmEventObserved(i.source, i.event, dict(i.properties),
+                                     i.secs + i.nanos / 1e9, pid, new_offset).to_new()
+                 for i in items],
+                expected_version=sandbox.version,
+                metadata=Metadata("system", host_id=self.engine.host_id),
+            )
+            sandbox.version += len(items)
+        with self._lock:
+            self._read[sandbox.id] = (pid, new_offset)
+        return exit_reason(items) if classify else None
+
+    def forget(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._read.pop(sandbox_id, None)
+
+
 class VmmWatcher(Worker):
     name = "vmm-watcher"
 
     def __init__(self, engine: Engine):
         super().__init__(engine, engine.settings.watch_interval_s)
-        self._watched: dict[str, Watched] = {}
+        self._watched: dict[str, VmmProcess] = {}
         self._lock = threading.Lock()
         for sandbox in engine.list(states=[State.RUNNING], host_id=engine.host_id):
-            self.after_command(sandbox, resume_offset=True)
+            self.after_command(sandbox)
 
-    def after_command(self, sandbox: SandboxState, resume_offset: bool = False) -> None:
-        """Watch ``sandbox`` when it is running, forget it otherwise.
-
-        Called with the sandbox held, right after each command: records the
-        monitor lines the command's VMM wrote.
-        """
-        self._drain(sandbox, classify=False)
+    def after_command(self, sandbox: SandboxState) -> None:
+        """Watch ``sandbox`` while it is running, forget it otherwise."""
         data = sandbox.facts.get("vmm")
         with self._lock:
-            if sandbox.state != State.RUNNING or not data:
+            if sandbox.state == State.RUNNING and data:
+                self._watched[sandbox.id] = VmmProcess.from_dict(data)
+            else:
                 self._watched.pop(sandbox.id, None)
-                return
-            process = VmmProcess.from_dict(data)
-            current = self._watched.get(sandbox.id)
-            if current is None or current.process != process:
-                offset = self._recorded_offset(sandbox.id, process.pid) \
-                    if resume_offset else 0
-                self._watched[sandbox.id] = Watched(
-                    process, sandbox.facts.get("event_monitor", ""), offset)
 
     def tick(self) -> None:
         with self._lock:
@@ -129,21 +166,24 @@ class VmmWatcher(Worker):
 
     def _check(self, sandbox_id: str) -> str | None:
         sandbox = self.engine.get(sandbox_id)
-        if sandbox.state != State.RUNNING:
+        with self._lock:
+            process = self._watched.get(sandbox_id)
+        if sandbox.state != State.RUNNING or process is None:
             with self._lock:
                 self._watched.pop(sandbox_id, None)
             return None
-        reason = self._drain(sandbox, classify=True)
-        with self._lock:
-            entry = self._watched.get(sandbox_id)
-        if entry is None:
-            return None
-        alive = self.engine.drivers.vmm.is_running(entry.process)
+        reason = self.engine.monitor.drain(sandbox, classify=True)
+        alive = self.engine.drivers.vmm.is_running(process)
         if reason is None and alive:
             return None
-        code = None if alive else self.engine.drivers.vmm.wait_exit(entry.process, 0)
+
+        code = None if alive else self.engine.drivers.vmm.wait_exit(process, 0)
         reason = reason or "vmm-exited"
-        self._append(sandbox, [ev.VmmExited(reason, entry.process.pid, code)])
+        self.engine.store.append(
+            sandbox.id, [ev.VmmExited(reason, process.pid, code).to_new()],
+            expected_version=sandbox.version,
+            metadata=Metadata("system", host_id=self.engine.host_id),
+        )
         with self._lock:
             self._watched.pop(sandbox_id, None)
         return reason
@@ -154,39 +194,6 @@ class VmmWatcher(Worker):
         except WrennError as exc:
             log.warning("sandbox %s: halt after %s failed: %s", sandbox_id, reason,
                         describe(exc))
-
-    def _drain(self, sandbox: SandboxState, classify: bool) -> str | None:
-        with self._lock:
-            entry = self._watched.get(sandbox.id)
-        path = entry.monitor_path if entry else sandbox.facts.get("event_monitor", "")
-        if not path:
-            return None
-        offset = entry.offset if entry else 0
-        pid = entry.process.pid if entry else None
-        items, new_offset = read_events(path, offset)
-        if not items:
-            return None
-        self._append(sandbox, [
-            ev.VmmEventObserved(item.source, item.event, dict(item.properties),
-                                item.secs + item.nanos / 1e9, pid, new_offset)
-            for item in items
-        ])
-        if entry is not None:
-            entry.offset = new_offset
-        return exit_reason(items) if classify else None
-
-    def _recorded_offset(self, sandbox_id: str, pid: int) -> int:
-        for event in reversed(self.engine.store.read_stream(sandbox_id)):
-            if event.type == "vmm.event_observed" and event.data.get("pid") == pid:
-                return int(event.data.get("offset") or 0)
-        return 0
-
-    def _append(self, sandbox: SandboxState, events: list[Any]) -> None:
-        self.engine.store.append(
-            sandbox.id, [e.to_new() for e in events], expected_version=sandbox.version,
-            metadata=Metadata("system", host_id=self.engine.host_id),
-        )
-        sandbox.version += len(events)
 
 
 class InactivityWorker(Worker):

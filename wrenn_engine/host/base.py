@@ -232,6 +232,12 @@ class VmmDriver(Protocol):
         """True if ``process`` is alive and is still the same VMM."""
         ...
 
+    def find(self, spec: VmmSpec) -> VmmProcess | None:
+        """The live VMM this engine started for ``spec`` (same sandbox, same
+        API socket), if any: how a launch whose result was never recorded
+        (a failure or a crash right after it) is found and stopped."""
+        ...
+
     def wait_exit(self, process: VmmProcess, timeout: float) -> int | None:
         """The exit code if the process exits within ``timeout``, else None."""
         ...

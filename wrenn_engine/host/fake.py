@@ -255,6 +255,13 @@ class FakeVmm(_Leftovers):
     def is_running(self, process: VmmProcess) -> bool:
         return self.host.has("vmm", str(process.pid))
 
+    def find(self, spec: VmmSpec) -> VmmProcess | None:
+        with self.host.lock:
+            for pid, socket in self.host.vmm_sockets.items():
+                if socket == spec.socket_path and f"vmm:{pid}" in self.host.objects:
+                    return VmmProcess(pid, pid * 10, ("fake-vmm", socket))
+        return None
+
     def wait_exit(self, process: VmmProcess, timeout: float) -> int | None:
         return None if self.is_running(process) else 0
 

@@ -220,11 +220,21 @@ def run_launch(ctx: StepContext, intent: Intent) -> Result:
 def undo_launch(ctx: StepContext, intent: Intent, result: Result | None) -> None:
     spec = VmmSpec(**intent["spec"])
     data = ((result or {}).get("facts") or {}).get("vmm")
-    if data:
-        ctx.drivers.vmm.shutdown(VmmProcess.from_dict(data), spec.socket_path,
+    # Without a recorded result the launch may still have happened: look for
+    # the process by its mark and socket rather than trust the absence.
+    process = VmmProcess.from_dict(data) if data else ctx.drivers.vmm.find(spec)
+    if process is not None:
+        ctx.drivers.vmm.shutdown(process, spec.socket_path,
                                  ctx.settings.shutdown_timeout_s)
-    elif os.path.exists(spec.socket_path):
+    if os.path.exists(spec.socket_path):
         ctx.drivers.vmm.remove_leftover("socket", spec.socket_path)
+
+
+def undone_with_vmm(ctx: StepContext, intent: Intent, result: Result | None) -> None:
+    """The undo of a step whose effect lives only inside the VMM process
+    (``vm.create``, ``vm.boot``, ``vm.restore``, ``vm.resume``): nothing to
+    do here, because undoing ``vmm.launch`` ends the process and the VM with
+    it."""
 
 
 def run_vmm_stop(ctx: StepContext, intent: Intent) -> Result:
@@ -356,16 +366,18 @@ def _steps() -> dict[str, Step]:
                            description="start the VMM in the namespace, wait for API"),
         "vmm.stop": Step("vmm.stop", run_vmm_stop,
                          description="shut the VM and VMM down, then signals"),
-        "vm.create": Step("vm.create", run_vm_create, description="vm.create"),
-        "vm.boot": Step("vm.boot", run_vm_boot,
+        "vm.create": Step("vm.create", run_vm_create, undone_with_vmm,
+                          description="vm.create"),
+        "vm.boot": Step("vm.boot", run_vm_boot, undone_with_vmm,
                         description="vm.boot, then vm.info must say Running"),
         "vm.pause": Step("vm.pause", run_vm_pause, undo_vm_pause,
                          description="vm.pause (undo: vm.resume)"),
         "vm.snapshot": Step("vm.snapshot", run_snapshot, undo_snapshot, plan_snapshot,
                             description="snapshot into a temp dir, rename on success"),
-        "vm.restore": Step("vm.restore", run_vm_restore,
+        "vm.restore": Step("vm.restore", run_vm_restore, undone_with_vmm,
                            description="vm.restore from the snapshot"),
-        "vm.resume": Step("vm.resume", run_vm_resume, description="vm.resume"),
+        "vm.resume": Step("vm.resume", run_vm_resume, undone_with_vmm,
+                          description="vm.resume"),
         "snapshot.discard": Step("snapshot.discard", run_snapshot_discard,
                                  description="delete the snapshot"),
         "host.sweep": Step("host.sweep", run_sweep,

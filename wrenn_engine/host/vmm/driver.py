@@ -27,6 +27,7 @@ from wrenn_engine import settings as engine_settings
 from wrenn_engine.domain.config import VMConfig
 from wrenn_engine.errors import ConfigError, HostError, ResourceBusy, VmmError
 from wrenn_engine.host.base import DiskSpec, VmmProcess, VmmSpec
+from wrenn_engine.host.procinfo import start_time
 from wrenn_engine.host.vmm import launcher
 from wrenn_engine.host.vmm.client import Recorder, VmmClient
 from wrenn_engine.host.vmm.config import SERIAL_LOG_NAME, build_vm_config
@@ -227,6 +228,20 @@ class CloudHypervisorDriver:
         ).start()
 
     # --- reconcile ----------------------------------------------------------
+
+    def find(self, spec: VmmSpec) -> VmmProcess | None:
+        """The live VMM carrying this engine's mark for ``spec``'s sandbox and
+        API socket, if any."""
+        for pid, sandbox_id in launcher.find_marked(self.owner):
+            if sandbox_id != spec.sandbox_id:
+                continue
+            argv = launcher.read_cmdline(pid)
+            started = start_time(pid)
+            if argv is None or started is None:
+                continue
+            if launcher.api_socket_of(argv) == spec.socket_path:
+                return VmmProcess(pid, started, tuple(argv))
+        return None
 
     def leftovers(self, known: set[str]) -> list[tuple[str, str]]:
         """("vmm", pid) of live VMMs carrying this engine's owner mark whose pid
