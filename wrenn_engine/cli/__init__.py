@@ -1,0 +1,1 @@
+"""The `wrenn-engine` command line: ``main.main`` is the entry point."""

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from wrenn_engine.domain.state import State
+from wrenn_engine.errors import VmmError
 from wrenn_engine.host import paths
 from wrenn_engine.host.base import (
     DiskSpec,
@@ -273,10 +274,11 @@ def run_vm_pause(ctx: StepContext, intent: Intent) -> Result:
 
 def undo_vm_pause(ctx: StepContext, intent: Intent, result: Result | None) -> None:
     process = _vmm(ctx)
-    if process is not None and ctx.drivers.vmm.is_running(process):
-        info = ctx.drivers.vmm.info(ctx.config.socket_path)
-        if info.get("state") == "Paused":
-            ctx.drivers.vmm.resume(ctx.config.socket_path)
+    if process is None or not ctx.drivers.vmm.is_running(process):
+        raise VmmError("vm.resume", None, "the VMM is gone; the VM cannot run again")
+    info = ctx.drivers.vmm.info(ctx.config.socket_path)
+    if info.get("state") == "Paused":
+        ctx.drivers.vmm.resume(ctx.config.socket_path)
 
 
 def plan_snapshot(ctx: StepContext) -> Intent:

@@ -226,10 +226,7 @@ class CommandRun:
         """Undo done steps (or not) and trigger rollback or fail."""
         assert self._failure is not None
         step_name, exc, text = self._failure
-        reversible = self.spec.on_failure == "rollback" and all(
-            d.step.undo is not None or _skipped(d.result) for d in self.done
-            if not d.failed
-        )
+        reversible = self.spec.on_failure == "rollback" and _reversible(self.done)
         undone_ok = True
         if reversible:
             undone_ok = self.undo_done()
@@ -305,10 +302,7 @@ class CommandRun:
             return self._finish()
 
         self.done = self._recorded_steps()
-        reversible = all(
-            d.step.undo is not None or _skipped(d.result) for d in self.done
-            if not d.failed
-        )
+        reversible = _reversible(self.done)
         ok = self.undo_done() if reversible else False
         self._failure = (interrupted_at, RuntimeError(text), text)
         if reversible and ok:
@@ -338,6 +332,16 @@ class CommandRun:
         outcome.state = str(self.sandbox.state)
         self.outcome = outcome
         return outcome
+
+
+def _reversible(done: list[DoneStep]) -> bool:
+    """True when every step that began can be undone.
+
+    A step without an undo that failed or was cut off counts too: its effect
+    may have happened (a VMM stopped, a disk half deleted), so going back is
+    not safe and the sandbox lands in ``error`` instead.
+    """
+    return all(d.step.undo is not None or _skipped(d.result) for d in done)
 
 
 def _skipped(result: Result | None) -> bool:

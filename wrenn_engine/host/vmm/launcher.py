@@ -428,8 +428,12 @@ def wait_exit(process: VmmProcess, timeout: float) -> int | None:
     except ProcessLookupError:
         return EXIT_UNKNOWN
     try:
-        if not is_running(process):
-            return EXIT_UNKNOWN
+        info = read_stat(process.pid)
+        if info is None or info[1] != process.start_time:
+            return EXIT_UNKNOWN  # gone, and the pid may be another's now
+        # The pidfd turns readable only once the process has exited, after
+        # it closed its files (and so released the socket's lock). Its command
+        # line empties earlier, while it still exits: not a sign to trust.
         return EXIT_UNKNOWN if _wait_readable(pidfd, timeout) else None
     finally:
         os.close(pidfd)
