@@ -31,7 +31,8 @@ the host's ``HostCommandError``) and always chained to their cause with
     │   ├── ResourceBusy            a name or slot is taken on the host
     │   ├── VmmError                the VMM API answered with an error
     │   └── InsufficientSpace       not enough free disk space
-    └── FailpointError              an injected failure (tests and drills)
+    ├── FailpointError              an injected failure (tests and drills)
+    └── CliError                    bad command-line input (wrenn_engine.cli)
 """
 
 from __future__ import annotations
@@ -207,16 +208,23 @@ class NotOwner(LifecycleError):
 
 
 class CommandFailed(LifecycleError):
-    """A pipeline step failed; the steps before it were undone."""
+    """A pipeline step failed; the sandbox is back where it started (its done
+    steps undone) or in ``error`` with the cause."""
 
-    def __init__(self, sandbox_id: str, step: str, landed_in: str, cause: str):
+    def __init__(self, sandbox_id: str, step: str, landed_in: str, cause: str,
+                 rolled_back: bool = False):
         self.sandbox_id = sandbox_id
         self.step = step
         self.landed_in = landed_in
         self.cause = cause
+        self.rolled_back = rolled_back
+        if rolled_back:
+            outcome = f"the steps before it were undone and the sandbox is {landed_in}"
+        else:
+            outcome = (f"the sandbox is {landed_in}; what it still holds is recorded "
+                       f"and `wrenn-engine destroy {sandbox_id}` removes it")
         super().__init__(
-            f"sandbox {sandbox_id}: step {step} failed: {cause}; the steps before "
-            f"it were undone and the sandbox is {landed_in}. "
+            f"sandbox {sandbox_id}: step {step} failed: {cause}; {outcome}. "
             f"`wrenn-engine replay {sandbox_id} --explain` shows every step."
         )
 

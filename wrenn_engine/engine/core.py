@@ -9,6 +9,7 @@ different sandboxes run in parallel, two commands on one sandbox never do.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import logging
@@ -258,16 +259,16 @@ class Engine:
         return sandbox
 
     def list(self, *, states: Sequence[str] = (),
-             host_id: str | None = None) -> list[SandboxState]:
+             host_id: str | None = None) -> builtins.list[SandboxState]:
         return self.store.list_sandboxes(states=states, host_id=host_id)
 
-    def history(self, sandbox_id: str) -> list[RecordedEvent]:
+    def history(self, sandbox_id: str) -> builtins.list[RecordedEvent]:
         events = self.store.read_stream(sandbox_id)
         if not events:
             raise SandboxNotFound(sandbox_id)
         return events
 
-    def events(self, query: EventQuery) -> list[RecordedEvent]:
+    def events(self, query: EventQuery) -> builtins.list[RecordedEvent]:
         return self.store.query(query)
 
     def replay(self, sandbox_id: str, to_version: int | None = None,
@@ -297,13 +298,13 @@ class Engine:
             with self._changed:
                 self._changed.wait(min(remaining, 0.2))
 
-    def reconcile(self) -> list[str]:
+    def reconcile(self) -> builtins.list[str]:
         """Bring host and log into agreement; return what was done."""
         from wrenn_engine.engine.reconcile import Reconciler
 
         return Reconciler(self).run()
 
-    def step_names(self) -> list[str]:
+    def step_names(self) -> builtins.list[str]:
         return ["config.apply_defaults", "config.validate", *self.pipelines.step_names()]
 
     # --- running commands ---------------------------------------------------------------
@@ -341,7 +342,8 @@ class Engine:
 
         if outcome.error is not None:
             raise CommandFailed(sandbox_id, outcome.failed_step or "?", outcome.state,
-                                outcome.error_text or describe(outcome.error)
+                                outcome.error_text or describe(outcome.error),
+                                rolled_back=outcome.state == sandbox.state,
                                 ) from outcome.error
         return copy.deepcopy(run.sandbox)
 

@@ -105,15 +105,26 @@ class Reconciler:
             return "vmm-exited"
         process = VmmProcess.from_dict(data)
         if self.engine.drivers.vmm.is_running(process):
-            self._append(sandbox, ev.ReconcileActed(
-                "adopted", "vmm", str(process.pid),
-                detail=f"engine {self.engine.instance} now watches it"))
-            self._note(f"{sandbox.id}: adopted VMM pid {process.pid}")
+            if not self._adopted_before(sandbox.id, process.pid):
+                self._append(sandbox, ev.ReconcileActed(
+                    "adopted", "vmm", str(process.pid),
+                    detail=f"engine {self.engine.instance} now watches it"))
+                self._note(f"{sandbox.id}: adopted VMM pid {process.pid}")
             return None
         reason = "vmm-exited"
         self._append(sandbox, ev.VmmExited(reason, process.pid, None,
                                            "found not running by reconcile"))
         return reason
+
+    def _adopted_before(self, sandbox_id: str, pid: int) -> bool:
+        """True if the log already says this VMM was adopted (no event twice)."""
+        for event in reversed(self.store.read_stream(sandbox_id)):
+            if event.type == "step.completed" and event.data["step"] == "vmm.launch":
+                return False
+            if (event.type == "reconcile.acted" and event.data["action"] == "adopted"
+                    and event.data["name"] == str(pid)):
+                return True
+        return False
 
     # --- leftovers --------------------------------------------------------------------
 
