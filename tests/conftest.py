@@ -56,8 +56,10 @@ def pg_url() -> Iterator[str]:
     except sa.exc.OperationalError as exc:
         admin.dispose()
         skip_or_fail(f"PostgreSQL at {base} is not reachable: {exc.orig}")
-    url = sa.engine.make_url(base).set(database=name).render_as_string(
-        hide_password=False
+    url = (
+        sa.engine.make_url(base)
+        .set(database=name)
+        .render_as_string(hide_password=False)
     )
     try:
         yield url

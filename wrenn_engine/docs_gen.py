@@ -24,8 +24,7 @@ from typing import Any
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 REGENERATE = "python -m wrenn_engine.docs_gen"
-BANNER = (f"<!-- Generated from the code by `{REGENERATE}`; do not edit by hand. "
-          "-->\n")
+BANNER = f"<!-- Generated from the code by `{REGENERATE}`; do not edit by hand. -->\n"
 
 
 def _cell(text: Any) -> str:
@@ -34,8 +33,10 @@ def _cell(text: Any) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(" --- " for _ in headers) + "|",
+    ]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return lines
 
@@ -96,10 +97,15 @@ def render_state_machine() -> str:
     out += _table(
         ("command", "from", "phases", "lands in", "on failure", "issued by", "what"),
         (
-            (f"`{spec.name}`", ", ".join(f"`{s}`" for s in spec.sources),
-             " -> ".join(f"`{p}`" for p in spec.phases), f"`{spec.target}`",
-             spec.on_failure, "the engine" if spec.system else "a user",
-             spec.description)
+            (
+                f"`{spec.name}`",
+                ", ".join(f"`{s}`" for s in spec.sources),
+                " -> ".join(f"`{p}`" for p in spec.phases),
+                f"`{spec.target}`",
+                spec.on_failure,
+                "the engine" if spec.system else "a user",
+                spec.description,
+            )
             for spec in COMMANDS.values()
         ),
     )
@@ -121,9 +127,14 @@ def render_state_machine() -> str:
         out += _table(
             ("#", "step", "phase", "records intent", "undo", "what it does"),
             (
-                (index, f"`{step.name}`", f"`{step.phase}`",
-                 "yes" if step.plan else "no", "yes" if step.undo else "no",
-                 step.description)
+                (
+                    index,
+                    f"`{step.name}`",
+                    f"`{step.phase}`",
+                    "yes" if step.plan else "no",
+                    "yes" if step.undo else "no",
+                    step.description,
+                )
                 for index, step in enumerate(pipelines[command], 1)
             ),
         )
@@ -161,33 +172,38 @@ def _sample_event() -> Any:
     from wrenn_engine.domain.events import Metadata, RecordedEvent
 
     return RecordedEvent(
-        position=42, stream_id="sb-0123456789", version=7, type="step.completed",
+        position=42,
+        stream_id="sb-0123456789",
+        version=7,
+        type="step.completed",
         schema_version=1,
         data={"transition": "start", "step": "vm.boot", "result": {}},
-        metadata=Metadata(actor="cli:alice", correlation_id="5f0c2a9d81b3e4f6",
-                          causation_id=None, command_id="deploy-17/start",
-                          host_id="host-a"),
+        metadata=Metadata(
+            actor="cli:alice",
+            correlation_id="5f0c2a9d81b3e4f6",
+            causation_id=None,
+            command_id="deploy-17/start",
+            host_id="host-a",
+        ),
         recorded_at=datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC),
     )
 
 
 ENVELOPE = {
     "position": "global position: the order of truth across all sandboxes, "
-                "strictly increasing, committed in order",
+    "strictly increasing, committed in order",
     "sandbox_id": "the stream: the sandbox's id (`host.<host id>` for a host's "
-                  "own record)",
+    "own record)",
     "version": "the event's number within its sandbox's stream, from 1, no gaps",
     "type": "the stable dotted event type (the sections below)",
-    "schema_version": "the shape version of `data`; older shapes are upcast "
-                      "when read",
+    "schema_version": "the shape version of `data`; older shapes are upcast when read",
     "recorded_at": "commit time, ISO 8601 in UTC with its offset",
-    "actor": "who caused it (`cli:<user>`, `api`, `system`, ...), also in "
-             "`metadata`",
+    "actor": "who caused it (`cli:<user>`, `api`, `system`, ...), also in `metadata`",
     "data": "the type's fields (below)",
     "metadata": "`actor`, `correlation_id` (one command's events share it), "
-                "`causation_id` (the event that caused this one, if any), "
-                "`command_id` (the idempotency key, if given), `host_id` (the "
-                "engine's host)",
+    "`causation_id` (the event that caused this one, if any), "
+    "`command_id` (the idempotency key, if given), `host_id` (the "
+    "engine's host)",
 }
 
 
@@ -223,26 +239,41 @@ def render_events() -> str:
         "",
         "## Resource kinds",
         "",
-        "Steps name what they create as `{\"kind\", \"name\"}` in "
+        'Steps name what they create as `{"kind", "name"}` in '
         "`intent.resources` (before) and `result.resources` (after), and what "
         "they remove in `result.released`.",
         "",
     ]
-    out += _table(("kind", "name holds"),
-                  ((f"`{k}`", v) for k, v in RESOURCE_KINDS.items()))
+    out += _table(
+        ("kind", "name holds"), ((f"`{k}`", v) for k, v in RESOURCE_KINDS.items())
+    )
     out += ["", "## Event types", ""]
     out += [f"- [`{name}`](#{name.replace('.', '')})" for name in EVENT_TYPES]
     for name, cls in EVENT_TYPES.items():
         comments = _field_comments(cls)
-        out += ["", f"### {name}", "",
-                f"Schema version {cls.schema_version}. Class "
-                f"`{cls.__module__}.{cls.__qualname__}`.", "", _doc(cls), ""]
+        out += [
+            "",
+            f"### {name}",
+            "",
+            f"Schema version {cls.schema_version}. Class "
+            f"`{cls.__module__}.{cls.__qualname__}`.",
+            "",
+            _doc(cls),
+            "",
+        ]
         fields = dataclasses.fields(cls)
         if fields:
             out += _table(
                 ("field", "type", "default", "notes"),
-                ((f"`{f.name}`", f"`{f.type}`", _default(f), comments.get(f.name, ""))
-                 for f in fields),
+                (
+                    (
+                        f"`{f.name}`",
+                        f"`{f.type}`",
+                        _default(f),
+                        comments.get(f.name, ""),
+                    )
+                    for f in fields
+                ),
             )
         else:
             out.append("No fields.")
@@ -308,11 +339,20 @@ def _options(parser: argparse.ArgumentParser, skip_common: bool) -> list[str]:
     return _table(("option", "required", "meaning"), rows)
 
 
-def _command_section(prog: str, name: str, parser: argparse.ArgumentParser,
-                     level: int) -> list[str]:
-    out = ["", f"{'#' * level} {prog} {name}", "",
-           " ".join((parser.description or "").split()), "",
-           "```", _synopsis(f"{prog} {name}", parser), "```", ""]
+def _command_section(
+    prog: str, name: str, parser: argparse.ArgumentParser, level: int
+) -> list[str]:
+    out = [
+        "",
+        f"{'#' * level} {prog} {name}",
+        "",
+        " ".join((parser.description or "").split()),
+        "",
+        "```",
+        _synopsis(f"{prog} {name}", parser),
+        "```",
+        "",
+    ]
     out += _options(parser, skip_common=True)
     for sub_name, sub in _subcommands(parser):
         out += _command_section(f"{prog} {name}", sub_name, sub, level + 1)
@@ -372,36 +412,52 @@ def render_cli() -> str:
         f"- An event (`events --json` is an array, `events --jsonl` and "
         f"`export` one per line) is `RecordedEvent.to_dict()`: {event_keys}. "
         "See events.md.",
-        "- `replay --explain --json` is an array of `{\"event\": event, "
-        "\"state\": sandbox}`, one per event; `--jsonl` prints the same one "
+        '- `replay --explain --json` is an array of `{"event": event, '
+        '"state": sandbox}`, one per event; `--jsonl` prints the same one '
         "per line.",
-        "- `diff --json` is an array of `{\"path\", \"old\", \"new\", "
-        "\"change\"}`; `change` is `added`, `removed` or `changed`; paths look "
+        '- `diff --json` is an array of `{"path", "old", "new", '
+        '"change"}`; `change` is `added`, `removed` or `changed`; paths look '
         "like `config.vcpus` or `transition.steps[0].status`.",
-        "- `verify --json` is `{\"ok\", \"events\", \"rebuilt\", "
-        "\"differences\": [{\"table\", \"key\", \"stored\", \"rebuilt\"}]}`.",
-        "- `db current --json` is `{\"url\", \"current\", \"head\", "
-        "\"up_to_date\"}`; `reconcile --json` and `debug failpoints --json` "
+        '- `verify --json` is `{"ok", "events", "rebuilt", '
+        '"differences": [{"table", "key", "stored", "rebuilt"}]}`.',
+        '- `db current --json` is `{"url", "current", "head", '
+        '"up_to_date"}`; `reconcile --json` and `debug failpoints --json` '
         "are arrays of strings.",
         "",
         "## Environment",
         "",
     ]
-    out += _table(("variable", "meaning"), (
-        ("`WRENN_ENGINE_DB`", "database URL when `--db` is not given"),
-        ("`WRENN_ENGINE_HOME`", "state directory (`/var/lib/wrenn-engine` for "
-         "root, `~/.local/state/wrenn-engine` otherwise)"),
-        ("`WRENN_ENGINE_HOST_ID`", "this host's id in a shared database "
-         "(default: the hostname)"),
-        (f"`{RUN_DIR_ENV}`", "default of `create --run-dir`"),
-        ("`WRENN_ENGINE_FAILPOINTS`", "armed failpoints, `name=error|crash,...` "
-         "(drills and tests)"),
-        (f"`{DRIVERS_ENV}`", "`linux` (default) or `fake`: in-memory stand-in "
-         "drivers, a testing aid for the CLI itself; never for real sandboxes"),
-        (f"`{FAKE_HOST_ENV}`", "with `fake` drivers: the JSON file the "
-         "stand-in host keeps its objects in between commands (default "
-         "`fake-host.json` in the state directory)"),
-    ))
+    out += _table(
+        ("variable", "meaning"),
+        (
+            ("`WRENN_ENGINE_DB`", "database URL when `--db` is not given"),
+            (
+                "`WRENN_ENGINE_HOME`",
+                "state directory (`/var/lib/wrenn-engine` for "
+                "root, `~/.local/state/wrenn-engine` otherwise)",
+            ),
+            (
+                "`WRENN_ENGINE_HOST_ID`",
+                "this host's id in a shared database (default: the hostname)",
+            ),
+            (f"`{RUN_DIR_ENV}`", "default of `create --run-dir`"),
+            (
+                "`WRENN_ENGINE_FAILPOINTS`",
+                "armed failpoints, `name=error|crash,...` (drills and tests)",
+            ),
+            (
+                f"`{DRIVERS_ENV}`",
+                "`linux` (default) or `fake`: in-memory stand-in "
+                "drivers, a testing aid for the CLI itself; never for real sandboxes",
+            ),
+            (
+                f"`{FAKE_HOST_ENV}`",
+                "with `fake` drivers: the JSON file the "
+                "stand-in host keeps its objects in between commands (default "
+                "`fake-host.json` in the state directory)",
+            ),
+        ),
+    )
     out += ["", "## Commands", "", "```", _synopsis(PROG, parser) + " ...", "```", ""]
     out += _options(parser, skip_common=False)
     for name, sub in _subcommands(parser):
@@ -449,16 +505,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=textwrap.dedent(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--check", action="store_true",
-                        help="only report docs that differ from the code (exit 1)")
-    parser.add_argument("--docs-dir", type=Path, default=DOCS_DIR,
-                        help=f"where the docs live (default {DOCS_DIR})")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only report docs that differ from the code (exit 1)",
+    )
+    parser.add_argument(
+        "--docs-dir",
+        type=Path,
+        default=DOCS_DIR,
+        help=f"where the docs live (default {DOCS_DIR})",
+    )
     args = parser.parse_args(argv)
     if args.check:
         differ = stale(args.docs_dir)
         for name in differ:
-            print(f"{args.docs_dir / name} is out of date; run `{REGENERATE}`",
-                  file=sys.stderr)
+            print(
+                f"{args.docs_dir / name} is out of date; run `{REGENERATE}`",
+                file=sys.stderr,
+            )
         return 1 if differ else 0
     for name in write(args.docs_dir):
         print(f"wrote {args.docs_dir / name}")

@@ -170,8 +170,9 @@ class SandboxNotFound(LifecycleError):
 
 
 class InvalidTransition(LifecycleError):
-    def __init__(self, sandbox_id: str, command: str, state: str,
-                 allowed: Sequence[str] = ()):
+    def __init__(
+        self, sandbox_id: str, command: str, state: str, allowed: Sequence[str] = ()
+    ):
         self.sandbox_id = sandbox_id
         self.command = command
         self.state = state
@@ -179,9 +180,7 @@ class InvalidTransition(LifecycleError):
         hint = (
             f" it is allowed from: {', '.join(self.allowed)}." if self.allowed else ""
         )
-        super().__init__(
-            f"sandbox {sandbox_id}: cannot {command} while {state};{hint}"
-        )
+        super().__init__(f"sandbox {sandbox_id}: cannot {command} while {state};{hint}")
 
 
 class SandboxBusy(LifecycleError):
@@ -211,8 +210,14 @@ class CommandFailed(LifecycleError):
     """A pipeline step failed; the sandbox is back where it started (its done
     steps undone) or in ``error`` with the cause."""
 
-    def __init__(self, sandbox_id: str, step: str, landed_in: str, cause: str,
-                 rolled_back: bool = False):
+    def __init__(
+        self,
+        sandbox_id: str,
+        step: str,
+        landed_in: str,
+        cause: str,
+        rolled_back: bool = False,
+    ):
         self.sandbox_id = sandbox_id
         self.step = step
         self.landed_in = landed_in
@@ -221,8 +226,10 @@ class CommandFailed(LifecycleError):
         if rolled_back:
             outcome = f"the steps before it were undone and the sandbox is {landed_in}"
         else:
-            outcome = (f"the sandbox is {landed_in}; what it still holds is recorded "
-                       f"and `wrenn-engine destroy {sandbox_id}` removes it")
+            outcome = (
+                f"the sandbox is {landed_in}; what it still holds is recorded "
+                f"and `wrenn-engine destroy {sandbox_id}` removes it"
+            )
         super().__init__(
             f"sandbox {sandbox_id}: step {step} failed: {cause}; {outcome}. "
             f"`wrenn-engine replay {sandbox_id} --explain` shows every step."
@@ -236,8 +243,9 @@ class PipelineError(LifecycleError):
 
 
 class WaitTimeout(LifecycleError):
-    def __init__(self, sandbox_id: str, wanted: Sequence[str], state: str,
-                 timeout: float):
+    def __init__(
+        self, sandbox_id: str, wanted: Sequence[str], state: str, timeout: float
+    ):
         self.sandbox_id = sandbox_id
         self.wanted = tuple(wanted)
         self.state = state

@@ -74,22 +74,25 @@ def cli(home: Path, capsys: pytest.CaptureFixture[str]) -> Run:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "both_backends: run the test's `db` on SQLite and on PostgreSQL")
+        "markers", "both_backends: run the test's `db` on SQLite and on PostgreSQL"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """``db`` is SQLite, and also PostgreSQL where the backend matters."""
     if "backend" in metafunc.fixturenames:
         both = metafunc.definition.get_closest_marker("both_backends") is not None
-        metafunc.parametrize("backend", ["sqlite", "postgresql"] if both
-                             else ["sqlite"])
+        metafunc.parametrize(
+            "backend", ["sqlite", "postgresql"] if both else ["sqlite"]
+        )
 
 
 @pytest.fixture
 def db(backend: str, request: pytest.FixtureRequest, cli: Run) -> str:
     """A database at the head revision (SQLite; PostgreSQL too when marked)."""
-    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite"
-                                      else "pg_url"))
+    url = str(
+        request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
+    )
     result = cli("--db", url, "db", "upgrade")
     assert result.code == 0, result.err
     return url
@@ -113,8 +116,18 @@ def create(cli: Run, db: str, files: dict[str, str]) -> Callable[..., str]:
     """Create (and start) a sandbox through the CLI; return its id."""
 
     def make(*extra: str) -> str:
-        result = cli("--db", db, "create", "--kernel", files["kernel"],
-                     "--image", files["image"], "--vmm", files["vmm"], *extra)
+        result = cli(
+            "--db",
+            db,
+            "create",
+            "--kernel",
+            files["kernel"],
+            "--image",
+            files["image"],
+            "--vmm",
+            files["vmm"],
+            *extra,
+        )
         assert result.code == 0, result.err
         return result.out.strip()
 
@@ -130,21 +143,41 @@ def store(db: str) -> Iterator[EventStore]:
         opened.close()
 
 
-def append_sandbox(store: EventStore, sandbox_id: str, *, actor: str = "tester",
-                   host_id: str = "host-a", activities: int = 0) -> None:
+def append_sandbox(
+    store: EventStore,
+    sandbox_id: str,
+    *,
+    actor: str = "tester",
+    host_id: str = "host-a",
+    activities: int = 0,
+) -> None:
     """A sandbox's first event, then ``activities`` activity events."""
-    store.append(sandbox_id, [SandboxCreated({"vcpus": 1}, host_id).to_new()],
-                 expected_version=0, metadata=Metadata(actor=actor, host_id=host_id))
+    store.append(
+        sandbox_id,
+        [SandboxCreated({"vcpus": 1}, host_id).to_new()],
+        expected_version=0,
+        metadata=Metadata(actor=actor, host_id=host_id),
+    )
     append_activity(store, sandbox_id, activities, actor=actor, host_id=host_id)
 
 
-def append_activity(store: EventStore, sandbox_id: str, count: int = 1, *,
-                    actor: str = "tester", host_id: str = "host-a") -> None:
+def append_activity(
+    store: EventStore,
+    sandbox_id: str,
+    count: int = 1,
+    *,
+    actor: str = "tester",
+    host_id: str = "host-a",
+) -> None:
     for _ in range(count):
         version = len(store.read_stream(sandbox_id))
         new: NewEvent = ActivityRecorded(f"use {version}").to_new()
-        store.append(sandbox_id, [new], expected_version=version,
-                     metadata=Metadata(actor=actor, host_id=host_id))
+        store.append(
+            sandbox_id,
+            [new],
+            expected_version=version,
+            metadata=Metadata(actor=actor, host_id=host_id),
+        )
 
 
 def listing(path: Path) -> list[str]:

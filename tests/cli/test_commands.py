@@ -13,10 +13,30 @@ from tests.cli.conftest import Run, listing
 from wrenn_engine.cli import commands
 from wrenn_engine.store.migrate import head_revision
 
-SANDBOX_KEYS = {"id", "state", "version", "host_id", "config", "transition",
-                "resources", "facts", "created_at", "updated_at", "last_error"}
-EVENT_KEYS = {"position", "sandbox_id", "version", "type", "schema_version",
-              "recorded_at", "actor", "data", "metadata"}
+SANDBOX_KEYS = {
+    "id",
+    "state",
+    "version",
+    "host_id",
+    "config",
+    "transition",
+    "resources",
+    "facts",
+    "created_at",
+    "updated_at",
+    "last_error",
+}
+EVENT_KEYS = {
+    "position",
+    "sandbox_id",
+    "version",
+    "type",
+    "schema_version",
+    "recorded_at",
+    "actor",
+    "data",
+    "metadata",
+}
 
 
 def fake_objects(tmp_path: Path) -> list[str]:
@@ -62,7 +82,8 @@ def test_db_current_never_creates_a_sqlite_file(cli: Run, tmp_path: Path) -> Non
 
 
 def test_a_database_behind_is_refused_with_the_upgrade_command(
-    cli: Run, tmp_path: Path,
+    cli: Run,
+    tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'new.db'}"
     result = cli("--db", url, "ls")
@@ -73,7 +94,10 @@ def test_a_database_behind_is_refused_with_the_upgrade_command(
 
 @pytest.mark.both_backends
 def test_a_sandbox_lives_through_every_command(
-    cli: Run, db: str, create: Callable[..., str], tmp_path: Path,
+    cli: Run,
+    db: str,
+    create: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     sandbox_id = create("--vcpus", "2", "--memory-mb", "256", "--label", "team=a")
     assert sandbox_id.startswith("sb-")
@@ -85,9 +109,13 @@ def test_a_sandbox_lives_through_every_command(
     assert shown["labels"] == {"team": "a"}
     assert fake_objects(tmp_path)
 
-    for command, state in (("pause", "paused"), ("resume", "running"),
-                           ("stop", "stopped"), ("start", "running"),
-                           ("destroy", "destroyed")):
+    for command, state in (
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("stop", "stopped"),
+        ("start", "running"),
+        ("destroy", "destroyed"),
+    ):
         result = cli("--db", db, command, sandbox_id)
         assert result.code == 0, result.err
         assert result.out.split() == [sandbox_id, state]
@@ -101,23 +129,37 @@ def test_a_sandbox_lives_through_every_command(
     assert "holds: nothing" in text.out
 
 
-def test_create_no_start_json_and_explicit_id(cli: Run, db: str,
-                                              create: Callable[..., str]) -> None:
-    created = json.loads(create("--no-start", "--id", "sb-mine", "--timeout", "90",
-                                "--json"))
+def test_create_no_start_json_and_explicit_id(
+    cli: Run, db: str, create: Callable[..., str]
+) -> None:
+    created = json.loads(
+        create("--no-start", "--id", "sb-mine", "--timeout", "90", "--json")
+    )
     assert created["id"] == "sb-mine"
     assert created["state"] == "pending"
     assert created["inactivity_timeout_s"] == 90
 
-    again = cli("--db", db, "create", "--kernel", created["config"]["kernel_path"],
-                "--image", created["config"]["rootfs_path"], "--id", "sb-mine",
-                "--vmm", created["config"]["vmm_bin"])
+    again = cli(
+        "--db",
+        db,
+        "create",
+        "--kernel",
+        created["config"]["kernel_path"],
+        "--image",
+        created["config"]["rootfs_path"],
+        "--id",
+        "sb-mine",
+        "--vmm",
+        created["config"]["vmm_bin"],
+    )
     assert again.code == 1
     assert "already exists" in again.err
 
 
 def test_actor_and_command_id_are_recorded_and_replayed(
-    cli: Run, db: str, create: Callable[..., str],
+    cli: Run,
+    db: str,
+    create: Callable[..., str],
 ) -> None:
     sandbox_id = create("--actor", "alice")
     events = cli("--db", db, "events", "--sandbox", sandbox_id, "--json").json()
@@ -135,7 +177,9 @@ def test_actor_and_command_id_are_recorded_and_replayed(
 
 
 def test_expected_errors_are_one_line_and_status_1(
-    cli: Run, db: str, create: Callable[..., str],
+    cli: Run,
+    db: str,
+    create: Callable[..., str],
 ) -> None:
     missing = cli("--db", db, "show", "sb-nosuch")
     assert missing.code == 1
@@ -151,13 +195,27 @@ def test_expected_errors_are_one_line_and_status_1(
 
 
 def test_a_failed_step_names_the_replay_that_explains_it(
-    cli: Run, db: str, files: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    cli: Run,
+    db: str,
+    files: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
     def create(sandbox_id: str, failpoint: str) -> str:
         monkeypatch.setenv("WRENN_ENGINE_FAILPOINTS", failpoint)
-        failed = cli("--db", db, "create", "--id", sandbox_id, "--kernel",
-                     files["kernel"], "--image", files["image"], "--vmm", files["vmm"])
+        failed = cli(
+            "--db",
+            db,
+            "create",
+            "--id",
+            sandbox_id,
+            "--kernel",
+            files["kernel"],
+            "--image",
+            files["image"],
+            "--vmm",
+            files["vmm"],
+        )
         monkeypatch.delenv("WRENN_ENGINE_FAILPOINTS")
         assert failed.code == 1
         assert failed.out == ""
@@ -169,18 +227,36 @@ def test_a_failed_step_names_the_replay_that_explains_it(
     explained = cli("--db", db, "replay", "sb-back", "--explain")
     assert explained.code == 0
     assert "sandbox sb-back is pending" in explained.out
-    assert ("The start command was rolled back: step network.prepare failed: "
-            "failpoint network.prepare fired") in explained.out
-    assert ("Undone, in order: network.prepare, rootfs.prepare, sandbox.dir."
-            in explained.out)
+    assert (
+        "The start command was rolled back: step network.prepare failed: "
+        "failpoint network.prepare fired"
+    ) in explained.out
+    assert (
+        "Undone, in order: network.prepare, rootfs.prepare, sandbox.dir."
+        in explained.out
+    )
     assert "It holds nothing on its host." in explained.out
     assert fake_objects(tmp_path) == []
 
     # A command that releases things cannot be taken back: it lands in
     # error, and the explanation says how to get rid of what is left.
     sandbox_id = "sb-stuck"
-    assert cli("--db", db, "create", "--id", sandbox_id, "--kernel", files["kernel"],
-               "--image", files["image"], "--vmm", files["vmm"]).code == 0
+    assert (
+        cli(
+            "--db",
+            db,
+            "create",
+            "--id",
+            sandbox_id,
+            "--kernel",
+            files["kernel"],
+            "--image",
+            files["image"],
+            "--vmm",
+            files["vmm"],
+        ).code
+        == 0
+    )
     monkeypatch.setenv("WRENN_ENGINE_FAILPOINTS", "network.release=error")
     failed = cli("--db", db, "destroy", sandbox_id)
     monkeypatch.delenv("WRENN_ENGINE_FAILPOINTS")
@@ -197,7 +273,9 @@ def test_a_failed_step_names_the_replay_that_explains_it(
 
 
 def test_unexpected_errors_say_how_to_see_the_traceback(
-    cli: Run, db: str, monkeypatch: pytest.MonkeyPatch,
+    cli: Run,
+    db: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def broken(args: object) -> int:
         raise RuntimeError("something odd")
@@ -205,8 +283,10 @@ def test_unexpected_errors_say_how_to_see_the_traceback(
     monkeypatch.setattr(commands, "ls", broken)
     plain = cli("--db", db, "ls")
     assert plain.code == 1
-    assert plain.err.strip() == ("wrenn-engine: unexpected error: RuntimeError: "
-                                 "something odd; run with --debug for the traceback")
+    assert plain.err.strip() == (
+        "wrenn-engine: unexpected error: RuntimeError: "
+        "something odd; run with --debug for the traceback"
+    )
 
     debug = cli("--db", db, "ls", "--debug")
     assert debug.code == 1
@@ -214,12 +294,18 @@ def test_unexpected_errors_say_how_to_see_the_traceback(
 
 
 def test_host_commands_need_root_with_the_real_drivers(
-    cli: Run, db: str, files: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    cli: Run,
+    db: str,
+    files: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("WRENN_ENGINE_DRIVERS", "linux")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    for argv in (("create", "--kernel", files["kernel"], "--image", files["image"]),
-                 ("pause", "sb-x"), ("reconcile",)):
+    for argv in (
+        ("create", "--kernel", files["kernel"], "--image", files["image"]),
+        ("pause", "sb-x"),
+        ("reconcile",),
+    ):
         result = cli("--db", db, *argv)
         assert result.code == 1
         assert "needs root; run it with sudo" in result.err
@@ -231,20 +317,28 @@ def test_host_commands_need_root_with_the_real_drivers(
 
 
 def test_db_is_accepted_before_after_and_from_the_environment(
-    cli: Run, db: str, create: Callable[..., str], monkeypatch: pytest.MonkeyPatch,
+    cli: Run,
+    db: str,
+    create: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sandbox_id = create()
     before = cli("--db", db, "ls", "--json").json()
     after = cli("ls", "--json", "--db", db).json()
     monkeypatch.setenv("WRENN_ENGINE_DB", db)
     from_env = cli("ls", "--json").json()
-    assert [s["id"] for s in before] == [s["id"] for s in after] == \
-        [s["id"] for s in from_env] == [sandbox_id]
+    assert (
+        [s["id"] for s in before]
+        == [s["id"] for s in after]
+        == [s["id"] for s in from_env]
+        == [sandbox_id]
+    )
 
 
 @pytest.mark.both_backends
-def test_ls_filters_by_state_and_host(cli: Run, db: str,
-                                      create: Callable[..., str]) -> None:
+def test_ls_filters_by_state_and_host(
+    cli: Run, db: str, create: Callable[..., str]
+) -> None:
     running = create()
     pending = create("--no-start")
     by_state = cli("--db", db, "ls", "--state", "pending", "--json").json()
@@ -260,8 +354,9 @@ def test_ls_filters_by_state_and_host(cli: Run, db: str,
     assert running in table.out and pending in table.out
 
 
-def test_reconcile_reports_what_it_did(cli: Run, db: str, create: Callable[..., str],
-                                       tmp_path: Path) -> None:
+def test_reconcile_reports_what_it_did(
+    cli: Run, db: str, create: Callable[..., str], tmp_path: Path
+) -> None:
     sandbox_id = create()
     data = json.loads((tmp_path / "fake-host.json").read_text())
     data["objects"].append("netns:wrenn-sb-stray")
@@ -287,15 +382,19 @@ def test_reconcile_reports_what_it_did(cli: Run, db: str, create: Callable[..., 
 
 
 def test_debug_failpoints_lists_every_step_without_a_database(
-    cli: Run, home: Path,
+    cli: Run,
+    home: Path,
 ) -> None:
     from wrenn_engine.lifecycle.pipelines import default_pipelines
 
     result = cli("debug", "failpoints")
     assert result.code == 0
     names = result.out.split()
-    steps = ["config.apply_defaults", "config.validate",
-             *default_pipelines().step_names()]
+    steps = [
+        "config.apply_defaults",
+        "config.validate",
+        *default_pipelines().step_names(),
+    ]
     assert names == [n for step in steps for n in (step, f"{step}.done")]
     assert "network.prepare" in names and "vm.boot.done" in names
     assert cli("debug", "failpoints", "--json").json() == names

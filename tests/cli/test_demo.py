@@ -39,11 +39,13 @@ def traces() -> Traces:
         netns = frozenset()
     loops: frozenset[str] = frozenset()
     if os.geteuid() == 0:
-        listed = subprocess.run(["losetup", "-J", "-l"], capture_output=True,
-                                text=True, check=False).stdout
+        listed = subprocess.run(
+            ["losetup", "-J", "-l"], capture_output=True, text=True, check=False
+        ).stdout
         devices = json.loads(listed)["loopdevices"] if listed.strip() else []
-        loops = frozenset(d["name"] for d in devices
-                          if DEMO_MARK in (d.get("back-file") or ""))
+        loops = frozenset(
+            d["name"] for d in devices if DEMO_MARK in (d.get("back-file") or "")
+        )
     processes = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -55,10 +57,12 @@ def traces() -> Traces:
             processes.add(f"{pid} {cmdline}")
     tables: frozenset[str] = frozenset()
     if os.geteuid() == 0 and _has("nft"):
-        listed = subprocess.run(["nft", "list", "tables"], capture_output=True,
-                                text=True, check=False).stdout
-        tables = frozenset(line for line in listed.splitlines()
-                           if re.search(r"\bwd[0-9a-f]{4}-", line))
+        listed = subprocess.run(
+            ["nft", "list", "tables"], capture_output=True, text=True, check=False
+        ).stdout
+        tables = frozenset(
+            line for line in listed.splitlines() if re.search(r"\bwd[0-9a-f]{4}-", line)
+        )
     return Traces(tmp, netns, loops, frozenset(processes), tables)
 
 
@@ -76,13 +80,23 @@ def demo_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_demo(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([script(), "demo", *argv], env=demo_env(tmp_path),
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [script(), "demo", *argv],
+        env=demo_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def check_story(out: str) -> None:
-    for command, state in (("create", "running"), ("pause", "paused"),
-                           ("resume", "running"), ("destroy", "destroyed")):
+    for command, state in (
+        ("create", "running"),
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("destroy", "destroyed"),
+    ):
         assert re.search(rf"^{command}\s+-> {state}\b", out, re.M), out
     assert "Timeline of demo-" in out
     assert "transition.completed" in out
@@ -120,8 +134,13 @@ def test_an_interrupted_demo_cleans_up(tmp_path: Path, signum: int) -> None:
     require_root()
     require_tool("nft", "mkfs.ext4", "ip")
     before = traces()
-    demo = subprocess.Popen([script(), "demo"], env=demo_env(tmp_path), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    demo = subprocess.Popen(
+        [script(), "demo"],
+        env=demo_env(tmp_path),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert demo.stdout is not None
         deadline = time.monotonic() + 60
@@ -150,7 +169,9 @@ def test_an_interrupted_demo_cleans_up(tmp_path: Path, signum: int) -> None:
 
 
 def test_demo_without_root_says_what_it_skips(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from wrenn_engine.cli.main import main
 

@@ -47,9 +47,19 @@ def test_the_generated_docs_cover_the_code() -> None:
     for step in default_pipelines().step_names():
         assert f"`{step}`" in machine
     cli = docs_gen.generate("cli.md")
-    for command in ("db upgrade", "db current", "create", "events", "replay",
-                    "export", "diff", "verify", "reconcile", "debug failpoints",
-                    "demo"):
+    for command in (
+        "db upgrade",
+        "db current",
+        "create",
+        "events",
+        "replay",
+        "export",
+        "diff",
+        "verify",
+        "reconcile",
+        "debug failpoints",
+        "demo",
+    ):
         assert f"## wrenn-engine {command}\n" in cli
 
 

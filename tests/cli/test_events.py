@@ -44,15 +44,24 @@ def test_filters_combine_and_repeat(cli: Run, db: str, store: EventStore) -> Non
     assert positions == sorted(positions) and len(set(positions)) == 9
 
     assert keys(query("--sandbox", "sb-b")) == [("sb-b", 1), ("sb-b", 2)]
-    assert {e["sandbox_id"] for e in query("--sandbox", "sb-a", "--sandbox", "sb-c")} \
-        == {"sb-a", "sb-c"}
-    assert keys(query("--type", "sandbox.created")) == [("sb-a", 1), ("sb-b", 1),
-                                                        ("sb-c", 1)]
-    assert len(query("--type", "sandbox.created", "--type",
-                     "sandbox.activity_recorded")) == 9
+    assert {
+        e["sandbox_id"] for e in query("--sandbox", "sb-a", "--sandbox", "sb-c")
+    } == {"sb-a", "sb-c"}
+    assert keys(query("--type", "sandbox.created")) == [
+        ("sb-a", 1),
+        ("sb-b", 1),
+        ("sb-c", 1),
+    ]
+    assert (
+        len(query("--type", "sandbox.created", "--type", "sandbox.activity_recorded"))
+        == 9
+    )
     assert keys(query("--actor", "bob")) == [("sb-b", 1), ("sb-b", 2), ("sb-a", 4)]
-    assert keys(query("--host", "host-b", "--actor", "alice")) == \
-        [("sb-c", 1), ("sb-c", 2), ("sb-c", 3)]
+    assert keys(query("--host", "host-b", "--actor", "alice")) == [
+        ("sb-c", 1),
+        ("sb-c", 2),
+        ("sb-c", 3),
+    ]
     assert query("--sandbox", "sb-a", "--host", "host-b") == []
     assert query("--sandbox", "sb-nosuch") == []
 
@@ -65,14 +74,20 @@ def test_filters_combine_and_repeat(cli: Run, db: str, store: EventStore) -> Non
 
 @pytest.mark.both_backends
 def test_keyset_pagination_is_stable_while_events_arrive(
-    cli: Run, db: str, store: EventStore,
+    cli: Run,
+    db: str,
+    store: EventStore,
 ) -> None:
     append_sandbox(store, "sb-a", activities=4)
     append_sandbox(store, "sb-b")
     # One append of several events: they share a timestamp.
     version = len(store.read_stream("sb-b"))
-    store.append("sb-b", [ActivityRecorded(f"burst {i}").to_new() for i in range(7)],
-                 expected_version=version, metadata=Metadata(actor="tester"))
+    store.append(
+        "sb-b",
+        [ActivityRecorded(f"burst {i}").to_new() for i in range(7)],
+        expected_version=version,
+        metadata=Metadata(actor="tester"),
+    )
     burst = store.read_stream("sb-b")[-7:]
     assert len({e.recorded_at for e in burst}) == 1
 
@@ -80,8 +95,9 @@ def test_keyset_pagination_is_stable_while_events_arrive(
     after = 0
     pages = 0
     while True:
-        page = cli("--db", db, "events", "--jsonl", "--limit", "3",
-                   "--after", str(after)).jsonl()
+        page = cli(
+            "--db", db, "events", "--jsonl", "--limit", "3", "--after", str(after)
+        ).jsonl()
         if not page:
             break
         pages += 1
@@ -98,8 +114,9 @@ def test_keyset_pagination_is_stable_while_events_arrive(
     assert seen == final
     hint = cli("--db", db, "events", "--limit", "2")
     assert f"continue with --after {final[1]['position']}" in hint.err
-    last = cli("--db", db, "events", "--limit", "2", "--after",
-               str(final[-2]["position"]))
+    last = cli(
+        "--db", db, "events", "--limit", "2", "--after", str(final[-2]["position"])
+    )
     assert "continue with" not in last.err
 
 
@@ -120,8 +137,9 @@ def test_time_filters_take_any_offset(cli: Run, db: str, store: EventStore) -> N
         assert [e["position"] for e in since.json()] == after
         until = cli("--db", db, "events", "--json", "--until", text).json()
         assert [e["position"] for e in until] == before
-        both = cli("--db", db, "events", "--json", "--since", text, "--until",
-                   text).json()
+        both = cli(
+            "--db", db, "events", "--json", "--since", text, "--until", text
+        ).json()
         assert both == []
 
     for event in cli("--db", db, "events", "--json").json():
@@ -134,8 +152,9 @@ def test_time_filters_take_any_offset(cli: Run, db: str, store: EventStore) -> N
 
 
 @pytest.mark.postgres
-def test_sqlite_and_postgresql_answer_alike(cli: Run, sqlite_url: str,
-                                            pg_url: str) -> None:
+def test_sqlite_and_postgresql_answer_alike(
+    cli: Run, sqlite_url: str, pg_url: str
+) -> None:
     answers = []
     for url in (sqlite_url, pg_url):
         assert cli("--db", url, "db", "upgrade").code == 0
@@ -145,19 +164,37 @@ def test_sqlite_and_postgresql_answer_alike(cli: Run, sqlite_url: str,
         finally:
             store.close()
         results = []
-        for argv in ((), ("--actor", "alice"), ("--host", "host-b"),
-                     ("--type", "sandbox.created", "--sandbox", "sb-c"),
-                     ("--limit", "4", "--after", "3")):
+        for argv in (
+            (),
+            ("--actor", "alice"),
+            ("--host", "host-b"),
+            ("--type", "sandbox.created", "--sandbox", "sb-c"),
+            ("--limit", "4", "--after", "3"),
+        ):
             found = cli("--db", url, "events", "--json", *argv).json()
-            results.append([(e["sandbox_id"], e["version"], e["type"], e["actor"],
-                             e["metadata"]["host_id"], e["data"]) for e in found])
+            results.append(
+                [
+                    (
+                        e["sandbox_id"],
+                        e["version"],
+                        e["type"],
+                        e["actor"],
+                        e["metadata"]["host_id"],
+                        e["data"],
+                    )
+                    for e in found
+                ]
+            )
         answers.append(results)
     assert answers[0] == answers[1]
 
 
 @pytest.mark.both_backends
 def test_follow_prints_events_committed_by_another_thread(
-    cli: Run, db: str, store: EventStore, monkeypatch: pytest.MonkeyPatch,
+    cli: Run,
+    db: str,
+    store: EventStore,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     append_sandbox(store, "sb-a", activities=1)
     following = threading.Event()
@@ -182,8 +219,19 @@ def test_follow_prints_events_committed_by_another_thread(
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        result = cli("--db", db, "events", "--follow", "--jsonl", "--actor", "carol",
-                     "--limit", "2", "--follow-timeout", "60")
+        result = cli(
+            "--db",
+            db,
+            "events",
+            "--follow",
+            "--jsonl",
+            "--actor",
+            "carol",
+            "--limit",
+            "2",
+            "--follow-timeout",
+            "60",
+        )
     finally:
         thread.join()
     assert result.code == 0, result.err
@@ -191,7 +239,9 @@ def test_follow_prints_events_committed_by_another_thread(
 
 
 def test_follow_timeout_ends_quietly_and_prints_the_backlog(
-    cli: Run, db: str, store: EventStore,
+    cli: Run,
+    db: str,
+    store: EventStore,
 ) -> None:
     append_sandbox(store, "sb-a", activities=1)
     result = cli("--db", db, "events", "--follow", "--follow-timeout", "0.3")

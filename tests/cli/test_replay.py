@@ -31,14 +31,19 @@ def stream(store: EventStore, sandbox_id: str) -> list[RecordedEvent]:
 
 
 @pytest.mark.both_backends
-def test_replay_to_a_version_or_a_time(cli: Run, db: str, lived: str,
-                                       store: EventStore) -> None:
+def test_replay_to_a_version_or_a_time(
+    cli: Run, db: str, lived: str, store: EventStore
+) -> None:
     events = stream(store, lived)
-    paused = next(e.version for e in events if e.type == "transition.completed"
-                  and e.data["to_state"] == "paused")
+    paused = next(
+        e.version
+        for e in events
+        if e.type == "transition.completed" and e.data["to_state"] == "paused"
+    )
 
-    at_version = cli("--db", db, "replay", lived, "--to-version", str(paused),
-                     "--json").json()
+    at_version = cli(
+        "--db", db, "replay", lived, "--to-version", str(paused), "--json"
+    ).json()
     expected = state_at(events, version=paused)
     assert expected is not None
     assert at_version == expected.to_dict()
@@ -48,8 +53,9 @@ def test_replay_to_a_version_or_a_time(cli: Run, db: str, lived: str,
     moment = events[paused - 1].recorded_at.astimezone(timezone(timedelta(hours=-3)))
     at_time = cli("--db", db, "replay", lived, "--at", moment.isoformat(), "--json")
     assert at_time.code == 0, at_time.err
-    last_at_moment = max(e.version for e in events
-                         if e.recorded_at <= events[paused - 1].recorded_at)
+    last_at_moment = max(
+        e.version for e in events if e.recorded_at <= events[paused - 1].recorded_at
+    )
     assert at_time.json()["version"] == last_at_moment
 
     # The fold of the whole log is the stored projection.
@@ -65,13 +71,20 @@ def test_replay_to_a_version_or_a_time(cli: Run, db: str, lived: str,
     none = cli("--db", db, "replay", lived, "--at", early.isoformat())
     assert none.code == 1
     assert "has no event at or before" in none.err
-    assert cli("--db", db, "replay", lived, "--to-version", "2", "--at",
-               early.isoformat()).code == 2
+    assert (
+        cli(
+            "--db", db, "replay", lived, "--to-version", "2", "--at", early.isoformat()
+        ).code
+        == 2
+    )
     assert cli("--db", db, "replay", "sb-nosuch").code == 1
 
 
 def test_explain_lists_every_event_and_the_state_it_left(
-    cli: Run, db: str, lived: str, store: EventStore,
+    cli: Run,
+    db: str,
+    lived: str,
+    store: EventStore,
 ) -> None:
     events = stream(store, lived)
     as_json = cli("--db", db, "replay", lived, "--explain", "--json").json()
@@ -93,16 +106,22 @@ def test_explain_lists_every_event_and_the_state_it_left(
 
 
 def test_export_then_replay_the_file_without_any_database(
-    cli: Run, db: str, lived: str, tmp_path: Path, home: Path,
-    monkeypatch: pytest.MonkeyPatch, store: EventStore,
+    cli: Run,
+    db: str,
+    lived: str,
+    tmp_path: Path,
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store: EventStore,
 ) -> None:
     export = tmp_path / "export.jsonl"
     written = cli("--db", db, "export", lived, "-o", str(export))
     assert written.code == 0, written.err
     assert written.out == ""
     lines = export.read_text().splitlines()
-    assert [RecordedEvent.from_dict(json.loads(line)) for line in lines] == \
-        stream(store, lived)
+    assert [RecordedEvent.from_dict(json.loads(line)) for line in lines] == stream(
+        store, lived
+    )
     to_stdout = cli("--db", db, "export", lived)
     assert to_stdout.out.splitlines() == lines
 
@@ -125,9 +144,9 @@ def test_export_then_replay_the_file_without_any_database(
     assert listing(elsewhere) == []
 
 
-def test_replay_file_errors_name_the_problem(cli: Run, db: str, lived: str,
-                                            create: Callable[..., str],
-                                            tmp_path: Path) -> None:
+def test_replay_file_errors_name_the_problem(
+    cli: Run, db: str, lived: str, create: Callable[..., str], tmp_path: Path
+) -> None:
     missing = cli("replay", "--file", str(tmp_path / "absent.jsonl"))
     assert missing.code == 1
     assert "cannot read" in missing.err
@@ -141,8 +160,9 @@ def test_replay_file_errors_name_the_problem(cli: Run, db: str, lived: str,
 
     other = create()
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("\n".join(good + cli("--db", db, "export", other).out
-                               .splitlines()) + "\n")
+    mixed.write_text(
+        "\n".join(good + cli("--db", db, "export", other).out.splitlines()) + "\n"
+    )
     several = cli("replay", "--file", str(mixed))
     assert several.code == 1
     assert "several sandboxes" in several.err
@@ -152,8 +172,9 @@ def test_replay_file_errors_name_the_problem(cli: Run, db: str, lived: str,
     assert "holds no events of sandbox sb-nosuch" in absent.err
 
 
-def test_diff_shows_what_changed_between_versions(cli: Run, db: str, lived: str,
-                                                  store: EventStore) -> None:
+def test_diff_shows_what_changed_between_versions(
+    cli: Run, db: str, lived: str, store: EventStore
+) -> None:
     events = stream(store, lived)
     running = next(e.version for e in events if e.type == "transition.completed")
     result = cli("--db", db, "diff", lived, "--from", "3", "--to", str(running))
@@ -161,16 +182,22 @@ def test_diff_shows_what_changed_between_versions(cli: Run, db: str, lived: str,
     assert 'state: "pending" -> "running"' in result.out.splitlines()
     assert f"version: 3 -> {running}" in result.out.splitlines()
 
-    changes = cli("--db", db, "diff", lived, "--from", "3", "--to", str(running),
-                  "--json").json()
+    changes = cli(
+        "--db", db, "diff", lived, "--from", "3", "--to", str(running), "--json"
+    ).json()
     by_path = {c["path"]: c for c in changes}
-    assert by_path["state"] == {"path": "state", "old": "pending", "new": "running",
-                                "change": "changed"}
+    assert by_path["state"] == {
+        "path": "state",
+        "old": "pending",
+        "new": "running",
+        "change": "changed",
+    }
     added = [c for c in changes if c["path"].startswith("resources.")]
     assert added and all(c["change"] == "added" for c in added)
 
-    from_nothing = cli("--db", db, "diff", lived, "--from", "0", "--to", "1",
-                       "--json").json()
+    from_nothing = cli(
+        "--db", db, "diff", lived, "--from", "0", "--to", "1", "--json"
+    ).json()
     assert {c["path"]: c["new"] for c in from_nothing}["id"] == lived
 
     same = cli("--db", db, "diff", lived, "--from", "4", "--to", "4")
@@ -183,7 +210,9 @@ def test_diff_shows_what_changed_between_versions(cli: Run, db: str, lived: str,
 
 @pytest.mark.both_backends
 def test_verify_finds_a_tampered_projection_and_repair_fixes_it(
-    cli: Run, db: str, lived: str,
+    cli: Run,
+    db: str,
+    lived: str,
 ) -> None:
     ok = cli("--db", db, "verify")
     assert ok.code == 0, ok.out + ok.err
@@ -193,8 +222,11 @@ def test_verify_finds_a_tampered_projection_and_repair_fixes_it(
     engine = sa.create_engine(db)
     try:
         with engine.begin() as conn:
-            conn.execute(sa.update(sandboxes).where(sandboxes.c.id == lived)
-                         .values(state="stopped"))
+            conn.execute(
+                sa.update(sandboxes)
+                .where(sandboxes.c.id == lived)
+                .values(state="stopped")
+            )
     finally:
         engine.dispose()
 

@@ -18,25 +18,33 @@ from wrenn_engine.store import open_store
 def env(tmp_path: Path) -> dict[str, str]:
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith("WRENN_ENGINE_")}
-    environment.update({
-        "WRENN_ENGINE_HOME": str(tmp_path / "home"),
-        "WRENN_ENGINE_DB": f"sqlite:///{tmp_path / 'engine.db'}",
-        "WRENN_ENGINE_DRIVERS": "fake",
-        "WRENN_ENGINE_FAKE_HOST": str(tmp_path / "fake-host.json"),
-        "WRENN_ENGINE_RUN_DIR": str(run_dir),
-    })
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith("WRENN_ENGINE_")
+    }
+    environment.update(
+        {
+            "WRENN_ENGINE_HOME": str(tmp_path / "home"),
+            "WRENN_ENGINE_DB": f"sqlite:///{tmp_path / 'engine.db'}",
+            "WRENN_ENGINE_DRIVERS": "fake",
+            "WRENN_ENGINE_FAKE_HOST": str(tmp_path / "fake-host.json"),
+            "WRENN_ENGINE_RUN_DIR": str(run_dir),
+        }
+    )
     return environment
 
 
 def run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([script(), *argv], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [script(), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
-def test_exit_statuses_of_the_real_process(env: dict[str, str],
-                                           tmp_path: Path) -> None:
+def test_exit_statuses_of_the_real_process(env: dict[str, str], tmp_path: Path) -> None:
     helped = run(env, "--help")
     assert helped.returncode == 0
     assert "events" in helped.stdout and "replay" in helped.stdout
@@ -61,16 +69,28 @@ def test_exit_statuses_of_the_real_process(env: dict[str, str],
     assert "vmm.launch.done" in names.stdout.split()
 
 
-def test_create_prints_only_the_id_on_stdout(env: dict[str, str],
-                                             tmp_path: Path) -> None:
+def test_create_prints_only_the_id_on_stdout(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"stand-in")
     image = tmp_path / "rootfs.img"
     image.write_bytes(b"\0" * 4096)
     assert run(env, "db", "upgrade").returncode == 0
 
-    created = run(env, "create", "--kernel", str(kernel), "--image", str(image),
-                  "--vmm", "simulator", "--id", "sb-proc", "-v")
+    created = run(
+        env,
+        "create",
+        "--kernel",
+        str(kernel),
+        "--image",
+        str(image),
+        "--vmm",
+        "simulator",
+        "--id",
+        "sb-proc",
+        "-v",
+    )
     assert created.returncode == 0, created.stderr
     assert created.stdout == "sb-proc\n"
     assert "start: vm.boot done" in created.stderr
@@ -83,8 +103,11 @@ def test_create_prints_only_the_id_on_stdout(env: dict[str, str],
 def test_follow_streams_until_sigterm(env: dict[str, str]) -> None:
     assert run(env, "db", "upgrade").returncode == 0
     follower = subprocess.Popen(
-        [script(), "events", "--follow", "--jsonl"], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [script(), "events", "--follow", "--jsonl"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         store = open_store(env["WRENN_ENGINE_DB"])

@@ -43,8 +43,9 @@ TIMEOUT = 10
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True,
-                          timeout=TIMEOUT, check=True)
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=TIMEOUT, check=True
+    )
 
 
 def ip_json(namespace: str, *args: str) -> list[dict[str, Any]]:
@@ -60,7 +61,9 @@ def addresses(namespace: str, ifname: str) -> set[str]:
     links = ip_json(namespace, "addr", "show", "dev", ifname)
     return {
         f"{info['local']}/{info['prefixlen']}"
-        for link in links for info in link["addr_info"] if info["family"] == "inet"
+        for link in links
+        for info in link["addr_info"]
+        if info["family"] == "inet"
     }
 
 
@@ -77,7 +80,8 @@ def nft_ruleset(namespace: str) -> list[dict[str, Any]]:
 def nft_tables(namespace: str) -> set[tuple[str, str]]:
     return {
         (item["table"]["family"], item["table"]["name"])
-        for item in nft_ruleset(namespace) if "table" in item
+        for item in nft_ruleset(namespace)
+        if "table" in item
     }
 
 
@@ -131,16 +135,20 @@ def net_driver(net_host: str) -> Iterator[LinuxNetworkDriver]:
     finally:
         for name in netns.names():
             if name.startswith(f"{settings.prefix}-"):
-                subprocess.run(["ip", "netns", "del", name], check=False,
-                               timeout=TIMEOUT)
+                subprocess.run(
+                    ["ip", "netns", "del", name], check=False, timeout=TIMEOUT
+                )
 
 
 @pytest.fixture
 def net_root_snapshot() -> Iterator[None]:
     """Fail the test if the machine's own namespace changed under it."""
+
     def snapshot() -> tuple[set[str], str, str]:
-        links = {link["ifname"] for link in json.loads(
-            _run("ip", "-j", "link", "show").stdout)}
+        links = {
+            link["ifname"]
+            for link in json.loads(_run("ip", "-j", "link", "show").stdout)
+        }
         tables = _run("nft", "list", "tables").stdout
         with open("/proc/sys/net/ipv4/ip_forward") as handle:
             forward = handle.read()
@@ -185,7 +193,9 @@ def test_settings_refuse_bad_values_naming_the_field(
 
 def test_settings_accept_custom_pools() -> None:
     settings = NetworkSettings(
-        prefix="eng2", veth_pool="172.30.0.0/22", host_reachable_pool="172.31.0.0/24",
+        prefix="eng2",
+        veth_pool="172.30.0.0/22",
+        host_reachable_pool="172.31.0.0/24",
         max_slots=254,
     )
     plan = LinuxNetworkDriver(settings).plan("sbx", 253)
@@ -235,13 +245,16 @@ def test_plan_keeps_long_sandbox_ids_within_netns_limit() -> None:
     assert driver.plan("short-id", 0).netns == "wrenn-short-id"
 
 
-@pytest.mark.parametrize(("sandbox_id", "slot", "field"), [
-    ("sbx", -1, "slot"),
-    ("sbx", 4096, "slot"),
-    ("sbx", True, "slot"),
-    ("Bad/Id", 0, "sandbox_id"),
-    ("", 0, "sandbox_id"),
-])
+@pytest.mark.parametrize(
+    ("sandbox_id", "slot", "field"),
+    [
+        ("sbx", -1, "slot"),
+        ("sbx", 4096, "slot"),
+        ("sbx", True, "slot"),
+        ("Bad/Id", 0, "sandbox_id"),
+        ("", 0, "sandbox_id"),
+    ],
+)
 def test_plan_refuses_bad_input(sandbox_id: str, slot: int, field: str) -> None:
     with pytest.raises(ConfigError) as caught:
         LinuxNetworkDriver().plan(sandbox_id, slot)
@@ -271,8 +284,11 @@ def test_prepare_builds_what_the_kernel_reports(
         assert addresses(net_host, plan.host_veth) == {plan.host_veth_cidr}
         host_routes = ip_json(net_host, "route", "show")
         ns_ip = plan.ns_veth_cidr.split("/")[0]
-        assert {"dst": plan.host_reachable_ip, "gateway": ns_ip,
-                "dev": plan.host_veth} in [
+        assert {
+            "dst": plan.host_reachable_ip,
+            "gateway": ns_ip,
+            "dev": plan.host_veth,
+        } in [
             {key: route.get(key) for key in ("dst", "gateway", "dev")}
             for route in host_routes
         ]
@@ -287,8 +303,9 @@ def test_prepare_builds_what_the_kernel_reports(
         assert tap["linkinfo"]["info_data"]["persist"] is True
         assert tap["linkinfo"]["info_data"]["multi_queue"] is False
         assert "UP" in tap["flags"]
-        default = [r for r in ip_json(plan.netns, "route", "show")
-                   if r["dst"] == "default"]
+        default = [
+            r for r in ip_json(plan.netns, "route", "show") if r["dst"] == "default"
+        ]
         assert [(r["gateway"], r["dev"]) for r in default] == [
             (plan.host_veth_cidr.split("/")[0], plan.ns_veth)
         ]
@@ -298,8 +315,14 @@ def test_prepare_builds_what_the_kernel_reports(
         assert set(host_rules) == {"forward", "postrouting"}
         assert any({"masquerade": None} in expr for expr in host_rules["postrouting"])
         assert any(
-            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}},
-                       "right": plan.host_veth}} in expr
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"meta": {"key": "iifname"}},
+                    "right": plan.host_veth,
+                }
+            }
+            in expr
             for expr in host_rules["forward"]
         )
         ns_rules = nft_rules(plan.netns, plan.nft_table)
@@ -575,11 +598,13 @@ def test_leftovers_of_a_crash_are_found_and_removed(
 
     found = net_driver.leftovers(known)
 
-    assert found == sorted([
-        ("netns", crashed.netns),
-        ("nft_table", crashed.nft_table),
-        ("veth", crashed.host_veth),
-    ])
+    assert found == sorted(
+        [
+            ("netns", crashed.netns),
+            ("nft_table", crashed.nft_table),
+            ("veth", crashed.host_veth),
+        ]
+    )
     for kind, name in found:
         net_driver.remove_leftover(kind, name)
         net_driver.remove_leftover(kind, name)
@@ -629,7 +654,8 @@ def test_two_slots_in_parallel(net_driver: LinuxNetworkDriver, net_host: str) ->
             assert len({plan.netns for plan in plans}) == 2
             assert all(len(plan.host_veth.encode()) <= 15 for plan in plans)
             assert addresses(plans[1].netns, plans[1].ns_veth) == {
-                plans[1].ns_veth_cidr}
+                plans[1].ns_veth_cidr
+            }
             continue
         threads = [threading.Thread(target=run, args=(action, plan)) for plan in plans]
         for thread in threads:

@@ -203,8 +203,13 @@ def test_sandbox_paths_stay_inside_the_directory() -> None:
 
     derived = paths.derived()
 
-    assert set(derived) == {"cow_file", "snapshot_dir", "snapshot_tmp_dir",
-                            "vmm_log", "event_monitor"}
+    assert set(derived) == {
+        "cow_file",
+        "snapshot_dir",
+        "snapshot_tmp_dir",
+        "vmm_log",
+        "event_monitor",
+    }
     assert len(set(derived.values())) == len(derived)
     for value in derived.values():
         assert os.path.dirname(value) == "/tmp/ch-vm-abc"
@@ -258,5 +263,10 @@ def test_sandbox_paths_refuse_a_long_derived_path() -> None:
     with pytest.raises(ConfigError) as caught:
         SandboxPaths(near_limit)
 
-    assert caught.value.field in {"cow_file", "snapshot_dir", "snapshot_tmp_dir",
-                                  "vmm_log", "event_monitor"}
+    assert caught.value.field in {
+        "cow_file",
+        "snapshot_dir",
+        "snapshot_tmp_dir",
+        "vmm_log",
+        "event_monitor",
+    }

@@ -105,8 +105,9 @@ def _sandbox_dir(tmp_path: Path) -> str:
 
 
 def _settings(tmp_path: Path, strategy: str, **extra: object) -> RootfsSettings:
-    return RootfsSettings(strategy=strategy, work_dir=str(tmp_path / "work"),
-                          min_free_bytes=MIB, **extra)  # type: ignore[arg-type]
+    return RootfsSettings(
+        strategy=strategy, work_dir=str(tmp_path / "work"), min_free_bytes=MIB, **extra
+    )  # type: ignore[arg-type]
 
 
 def _records(tmp_path: Path) -> list[str]:
@@ -144,14 +145,19 @@ class FakeKernel:
         if self.fail(args):
             raise HostCommandError(args, 1, "injected failure")
         if args[:3] == ["losetup", "-J", "-l"]:
-            return json.dumps({"loopdevices": [
-                {"name": name, "back-file": back, "ro": ro, "autoclear": False}
-                for name, (back, ro) in sorted(self.loops.items())
-            ]})
+            return json.dumps(
+                {
+                    "loopdevices": [
+                        {"name": name, "back-file": back, "ro": ro, "autoclear": False}
+                        for name, (back, ro) in sorted(self.loops.items())
+                    ]
+                }
+            )
         if args[:3] == ["losetup", "--find", "--show"]:
             assert os.path.isfile(args[-1]), args
-            name = next(f"/dev/loop{i}" for i in range(64)
-                        if f"/dev/loop{i}" not in self.loops)
+            name = next(
+                f"/dev/loop{i}" for i in range(64) if f"/dev/loop{i}" not in self.loops
+            )
             self.loops[name] = (args[-1], "-r" in args)
             return name + "\n"
         if args[:2] == ["losetup", "-d"]:
@@ -192,7 +198,8 @@ class DmOverRealLoops:
             return run_command(args)
         if args[1] == "ls":
             return "".join(f"{name}\t(253:0)\n" for name in self.dms) or (
-                "No devices found\n")
+                "No devices found\n"
+            )
         if args[1] == "create":
             names = {loop.name: loop for loop in _real_loops()}
             table = args[4].split()
@@ -281,16 +288,21 @@ def test_plan_touches_nothing(tmp_path: Path, plain_template: Path) -> None:
     plan = driver.plan("sb1", str(plain_template), sandbox_dir)
 
     assert plan == RootfsPlan(
-        sandbox_id="sb1", strategy="qcow2", template_path=str(plain_template),
-        cow_path=f"{sandbox_dir}/rootfs.cow", disk_path=f"{sandbox_dir}/rootfs.cow",
-        image_type="Qcow2", backing_files=True,
+        sandbox_id="sb1",
+        strategy="qcow2",
+        template_path=str(plain_template),
+        cow_path=f"{sandbox_dir}/rootfs.cow",
+        disk_path=f"{sandbox_dir}/rootfs.cow",
+        image_type="Qcow2",
+        backing_files=True,
     )
     assert os.listdir(sandbox_dir) == []
     assert not (tmp_path / "work").exists()
 
 
-def test_plan_dm_snapshot(tmp_path: Path, plain_template: Path,
-                          dm_available: None) -> None:
+def test_plan_dm_snapshot(
+    tmp_path: Path, plain_template: Path, dm_available: None
+) -> None:
     driver = LinuxRootfsDriver(_settings(tmp_path, "dm-snapshot"))
 
     plan = driver.plan("sb1", str(plain_template), "/tmp/ch-vm-sb1")
@@ -314,11 +326,15 @@ def test_plan_refuses_dm_snapshot_without_device_mapper(
 
 @pytest.mark.parametrize(
     ("sandbox_id", "template", "match"),
-    [("../x", "/x", "sandbox_id"), ("sb1", "relative.img", "not absolute"),
-     ("sb1", "/nonexistent/template.img", "cannot be read")],
+    [
+        ("../x", "/x", "sandbox_id"),
+        ("sb1", "relative.img", "not absolute"),
+        ("sb1", "/nonexistent/template.img", "cannot be read"),
+    ],
 )
-def test_plan_refuses_bad_input(tmp_path: Path, sandbox_id: str, template: str,
-                                match: str) -> None:
+def test_plan_refuses_bad_input(
+    tmp_path: Path, sandbox_id: str, template: str, match: str
+) -> None:
     driver = LinuxRootfsDriver(_settings(tmp_path, "copy"))
 
     with pytest.raises(ConfigError, match=match):
@@ -329,8 +345,12 @@ def test_plan_refuses_bad_input(tmp_path: Path, sandbox_id: str, template: str,
 
 
 def _qemu_info(path: str) -> dict[str, object]:
-    out = subprocess.run(["qemu-img", "info", "--output=json", path],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", path],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     info: dict[str, object] = json.loads(out)
     return info
 
@@ -448,8 +468,11 @@ def _failing_fsync(only: str = "") -> Callable[[int], None]:
 @pytest.mark.parametrize("seam", ["_close_fd", "_fsync_fd"])
 @pytest.mark.parametrize("which", ["cow", "record"])
 def test_copy_failing_close_or_fsync_leaves_no_file(
-    tmp_path: Path, plain_template: Path, monkeypatch: pytest.MonkeyPatch,
-    seam: str, which: str,
+    tmp_path: Path,
+    plain_template: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    seam: str,
+    which: str,
 ) -> None:
     driver = LinuxRootfsDriver(_settings(tmp_path, "copy"))
     plan = driver.plan("sb1", str(plain_template), _sandbox_dir(tmp_path))
@@ -480,8 +503,9 @@ def test_qcow2_failing_close_leaves_no_file(
     _assert_nothing_left(tmp_path, plan)
 
 
-def test_prepare_refuses_an_existing_cow_file(tmp_path: Path,
-                                              plain_template: Path) -> None:
+def test_prepare_refuses_an_existing_cow_file(
+    tmp_path: Path, plain_template: Path
+) -> None:
     driver = LinuxRootfsDriver(_settings(tmp_path, "copy"))
     plan = driver.plan("sb1", str(plain_template), _sandbox_dir(tmp_path))
     Path(plan.cow_path).write_bytes(b"someone's data")
@@ -493,8 +517,9 @@ def test_prepare_refuses_an_existing_cow_file(tmp_path: Path,
     assert _records(tmp_path) == []
 
 
-def test_attach_refuses_a_missing_cow_file(tmp_path: Path,
-                                           plain_template: Path) -> None:
+def test_attach_refuses_a_missing_cow_file(
+    tmp_path: Path, plain_template: Path
+) -> None:
     driver = LinuxRootfsDriver(_settings(tmp_path, "copy"))
     plan = driver.plan("sb1", str(plain_template), _sandbox_dir(tmp_path))
 
@@ -504,8 +529,11 @@ def test_attach_refuses_a_missing_cow_file(tmp_path: Path,
 
 @pytest.mark.parametrize("strategy", ["copy", "qcow2", "dm-snapshot"])
 def test_insufficient_space_raises_before_writing(
-    tmp_path: Path, plain_template: Path, monkeypatch: pytest.MonkeyPatch,
-    dm_available: None, strategy: str,
+    tmp_path: Path,
+    plain_template: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dm_available: None,
+    strategy: str,
 ) -> None:
     kernel = FakeKernel()
     driver = LinuxRootfsDriver(_settings(tmp_path, strategy), kernel)
@@ -532,8 +560,9 @@ def test_insufficient_space_raises_before_writing(
 # --- dm-snapshot: exact commands against an in-memory kernel --------------------------
 
 
-def _dm_plan(tmp_path: Path, template: Path, kernel: FakeKernel,
-             sandbox_id: str = "sb1") -> tuple[LinuxRootfsDriver, RootfsPlan]:
+def _dm_plan(
+    tmp_path: Path, template: Path, kernel: FakeKernel, sandbox_id: str = "sb1"
+) -> tuple[LinuxRootfsDriver, RootfsPlan]:
     driver = LinuxRootfsDriver(_settings(tmp_path, "dm-snapshot"), kernel)
     return driver, driver.plan(sandbox_id, str(template), _sandbox_dir(tmp_path))
 
@@ -582,15 +611,22 @@ def test_dm_commands_prepare_detach_remove(
     driver.remove(plan, attachment)
 
     assert [call[:2] for call in kernel.calls] == [
-        ["dmsetup", "ls"], ["dmsetup", "remove"], ["losetup", "-J"],
-        ["losetup", "-d"], ["losetup", "-J"], ["losetup", "-d"], ["losetup", "-J"],
+        ["dmsetup", "ls"],
+        ["dmsetup", "remove"],
+        ["losetup", "-J"],
+        ["losetup", "-d"],
+        ["losetup", "-J"],
+        ["losetup", "-d"],
+        ["losetup", "-J"],
     ]
     _assert_nothing_left(tmp_path, plan)
 
     kernel.calls.clear()
     driver.remove(plan, attachment)
     assert kernel.calls == [
-        ["dmsetup", "ls"], ["losetup", "-J", "-l"], ["losetup", "-J", "-l"],
+        ["dmsetup", "ls"],
+        ["losetup", "-J", "-l"],
+        ["losetup", "-J", "-l"],
         ["losetup", "-J", "-l"],
     ]
 
@@ -634,7 +670,9 @@ def test_dm_commands_failure_at_each_step_leaves_nothing(
 
 
 def test_dm_commands_failing_close_leaves_no_cow_file(
-    tmp_path: Path, plain_template: Path, dm_available: None,
+    tmp_path: Path,
+    plain_template: Path,
+    dm_available: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kernel = FakeKernel()
@@ -660,8 +698,13 @@ def test_dm_commands_two_sandboxes_share_the_template_loop(
     b = driver.prepare(second)
 
     assert a.template_loop == b.template_loop == "/dev/loop0"
-    assert ["losetup", "--find", "--show", "-r", os.path.realpath(plain_template)] \
-        not in kernel.calls
+    assert [
+        "losetup",
+        "--find",
+        "--show",
+        "-r",
+        os.path.realpath(plain_template),
+    ] not in kernel.calls
 
     driver.detach(first, a)
     assert set(kernel.loops) == {"/dev/loop0", b.cow_loop}
@@ -691,8 +734,11 @@ def test_dm_over_real_loops_prepare_detach_attach_remove(
     assert os.stat(plan.cow_path).st_size == plan.cow_size_bytes
     assert _allocated(plan.cow_path) < 64 * 1024
     sectors = template.stat().st_size // 512
-    assert runner.dms == {plan.dm_name: (
-        f"0 {sectors} snapshot {attachment.template_loop} {attachment.cow_loop} P 8")}
+    assert runner.dms == {
+        plan.dm_name: (
+            f"0 {sectors} snapshot {attachment.template_loop} {attachment.cow_loop} P 8"
+        )
+    }
 
     driver.detach(plan, attachment)
 
@@ -702,7 +748,9 @@ def test_dm_over_real_loops_prepare_detach_attach_remove(
 
     again = driver.attach(plan)
     assert {loop.name for loop in _loops_under(tmp_path)} == {
-        again.template_loop, again.cow_loop}
+        again.template_loop,
+        again.cow_loop,
+    }
 
     driver.remove(plan, again)
     _assert_nothing_left(tmp_path, plan)
@@ -723,13 +771,18 @@ def test_dm_over_real_loops_refcount_is_shared_and_survives_a_restart(
     b = restarted.prepare(second)
 
     assert a.template_loop == b.template_loop
-    template_loops = [loop for loop in _loops_under(tmp_path)
-                      if loop.back_file == os.path.realpath(template)]
+    template_loops = [
+        loop
+        for loop in _loops_under(tmp_path)
+        if loop.back_file == os.path.realpath(template)
+    ]
     assert [loop.name for loop in template_loops] == [a.template_loop]
 
     restarted.detach(first, a)
     assert {loop.name for loop in _loops_under(tmp_path)} == {
-        a.template_loop, b.cow_loop}
+        a.template_loop,
+        b.cow_loop,
+    }
 
     LinuxRootfsDriver(driver.settings, runner).detach(second, b)
     assert _loops_under(tmp_path) == []
@@ -745,15 +798,18 @@ def test_dm_over_real_loops_concurrent_prepares_share_one_template_loop(
 ) -> None:
     runner = DmOverRealLoops()
     driver = _real_dm_driver(tmp_path, runner)
-    plans = [driver.plan(unique("sb"), str(template), _sandbox_dir(tmp_path))
-             for _ in range(4)]
+    plans = [
+        driver.plan(unique("sb"), str(template), _sandbox_dir(tmp_path))
+        for _ in range(4)
+    ]
     results: dict[str, RootfsAttachment] = {}
     errors: list[BaseException] = []
 
     def prepare(plan: RootfsPlan) -> None:
         try:
             results[plan.sandbox_id] = LinuxRootfsDriver(
-                driver.settings, runner).prepare(plan)
+                driver.settings, runner
+            ).prepare(plan)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -811,7 +867,9 @@ def test_dm_over_real_loops_failure_keeps_a_shared_template_loop(
 
     assert not os.path.exists(second.cow_path)
     assert {loop.name for loop in _loops_under(tmp_path)} == {
-        a.template_loop, a.cow_loop}
+        a.template_loop,
+        a.cow_loop,
+    }
 
     runner.fail = lambda argv: False
     driver.remove(first, a)
@@ -865,7 +923,8 @@ def test_leftovers_over_real_loops(
     found = driver.leftovers(known)
 
     assert found == [
-        ("dm", lost.dm_name), ("loop", lost_attachment.cow_loop),
+        ("dm", lost.dm_name),
+        ("loop", lost_attachment.cow_loop),
         ("cow", lost.cow_path),
     ]
     with pytest.raises(HostError, match="not made by this engine"):
@@ -882,10 +941,16 @@ def test_leftovers_over_real_loops(
     assert driver.leftovers(known) == []
     assert not os.path.exists(lost.cow_path)
     assert {loop.name for loop in _loops_under(tmp_path)} == {
-        kept_attachment.template_loop, kept_attachment.cow_loop, foreign}
+        kept_attachment.template_loop,
+        kept_attachment.cow_loop,
+        foreign,
+    }
     assert set(driver.leftovers(set())) == {
-        ("dm", kept.dm_name), ("loop", kept_attachment.cow_loop),
-        ("loop", kept_attachment.template_loop), ("cow", kept.cow_path)}
+        ("dm", kept.dm_name),
+        ("loop", kept_attachment.cow_loop),
+        ("loop", kept_attachment.template_loop),
+        ("cow", kept.cow_path),
+    }
 
     driver.remove(kept, kept_attachment)
     run_command(["losetup", "-d", foreign])
@@ -912,8 +977,9 @@ def test_leftover_template_loop_after_a_crash(
     _assert_nothing_left(tmp_path, plan)
 
 
-def test_leftover_cow_files_of_qcow2_and_copy(tmp_path: Path,
-                                              plain_template: Path) -> None:
+def test_leftover_cow_files_of_qcow2_and_copy(
+    tmp_path: Path, plain_template: Path
+) -> None:
     driver = LinuxRootfsDriver(_settings(tmp_path, "copy"))
     plan = driver.plan("sb1", str(plain_template), _sandbox_dir(tmp_path))
     driver.prepare(plan)
@@ -936,8 +1002,9 @@ def test_dm_snapshot_for_real(tmp_path: Path, template: Path) -> None:
         pytest.skip(NO_DM)
     require_root()
     require_tool("losetup", "dmsetup", "mkfs.ext4")
-    driver = LinuxRootfsDriver(_settings(tmp_path, "dm-snapshot",
-                                         dm_prefix=unique("wt") + "-"))
+    driver = LinuxRootfsDriver(
+        _settings(tmp_path, "dm-snapshot", dm_prefix=unique("wt") + "-")
+    )
     first = driver.plan(unique("sb"), str(template), _sandbox_dir(tmp_path))
     second = driver.plan(unique("sb"), str(template), _sandbox_dir(tmp_path))
     a = b = RootfsAttachment()

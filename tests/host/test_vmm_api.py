@@ -57,20 +57,28 @@ class Conformance:
         self.checked: list[tuple[str, str, int]] = []
         self.undocumented: list[tuple[str, int]] = []
 
-    def __call__(self, method: str, path: str, request_body: bytes | None,
-                 status: int, response_body: bytes) -> None:
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        request_body: bytes | None,
+        status: int,
+        response_body: bytes,
+    ) -> None:
         from openapi_core.testing import MockRequest, MockResponse
 
         assert path.startswith(API_ROOT + "/"), path
-        endpoint = path[len(API_ROOT):]
-        request = MockRequest("http://localhost", method, path,
-                              data=request_body or b"")
+        endpoint = path[len(API_ROOT) :]
+        request = MockRequest(
+            "http://localhost", method, path, data=request_body or b""
+        )
         self.openapi.validate_request(request)
 
         responses = self.document["paths"][endpoint][method.lower()]["responses"]
         if status in {int(code) for code in responses}:
             self.openapi.validate_response(
-                request, MockResponse(response_body, status_code=status))
+                request, MockResponse(response_body, status_code=status)
+            )
         else:
             assert status == 500, f"{method} {endpoint}: undocumented {status}"
             messages = json.loads(response_body)
@@ -102,7 +110,9 @@ def conformance(document: dict[str, Any]) -> Conformance:
 
 @pytest.mark.host
 def test_engine_sequence_conforms_to_the_document(
-    conformance: Conformance, tap_netns: str, tmp_path: Path,
+    conformance: Conformance,
+    tap_netns: str,
+    tmp_path: Path,
     make_driver: Callable[..., CloudHypervisorDriver],
 ) -> None:
     box = make_sandbox(tmp_path, tap_netns)
@@ -150,10 +160,18 @@ def test_engine_sequence_conforms_to_the_document(
 
     seen = {(method, endpoint) for method, endpoint, _ in conformance.checked}
     assert seen >= {
-        ("GET", "/vmm.ping"), ("PUT", "/vm.create"), ("GET", "/vm.info"),
-        ("PUT", "/vm.boot"), ("GET", "/vm.counters"), ("PUT", "/vm.pause"),
-        ("PUT", "/vm.snapshot"), ("PUT", "/vm.resume"), ("PUT", "/vm.shutdown"),
-        ("PUT", "/vm.delete"), ("PUT", "/vmm.shutdown"), ("PUT", "/vm.restore"),
+        ("GET", "/vmm.ping"),
+        ("PUT", "/vm.create"),
+        ("GET", "/vm.info"),
+        ("PUT", "/vm.boot"),
+        ("GET", "/vm.counters"),
+        ("PUT", "/vm.pause"),
+        ("PUT", "/vm.snapshot"),
+        ("PUT", "/vm.resume"),
+        ("PUT", "/vm.shutdown"),
+        ("PUT", "/vm.delete"),
+        ("PUT", "/vmm.shutdown"),
+        ("PUT", "/vm.restore"),
     }
     assert conformance.undocumented == []
 
@@ -162,16 +180,21 @@ def test_engine_sequence_conforms_to_the_document(
 
 
 @pytest.fixture(params=[SIMULATOR, "cloud-hypervisor"])
-def vmm(request: pytest.FixtureRequest, tmp_path: Path,
-        make_driver: Callable[..., CloudHypervisorDriver],
-        conformance: Conformance) -> Iterator[tuple[Sandbox, VmmClient]]:
+def vmm(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    make_driver: Callable[..., CloudHypervisorDriver],
+    conformance: Conformance,
+) -> Iterator[tuple[Sandbox, VmmClient]]:
     """A fresh VMM without a VM, and a client that validates every exchange."""
     box = make_sandbox(tmp_path)
     if request.param != SIMULATOR:
         binary = find_cloud_hypervisor()
         if binary is None:
-            pytest.skip("cloud-hypervisor binary not installed (no Debian or PyPI "
-                        "package ships it)")
+            pytest.skip(
+                "cloud-hypervisor binary not installed (no Debian or PyPI "
+                "package ships it)"
+            )
         if not os.path.exists("/dev/kvm"):
             pytest.skip("cloud-hypervisor needs /dev/kvm, which this machine lacks")
         box.binary = binary
@@ -193,7 +216,8 @@ def status_of(call: Callable[[], object]) -> int:
 
 
 def test_requests_out_of_order_get_upstream_statuses(
-    vmm: tuple[Sandbox, VmmClient], conformance: Conformance,
+    vmm: tuple[Sandbox, VmmClient],
+    conformance: Conformance,
 ) -> None:
     box, client = vmm
     body = box.body(net=False)
@@ -216,14 +240,20 @@ def test_requests_out_of_order_get_upstream_statuses(
     assert status_of(client.info) == 404
 
     assert sorted(set(conformance.undocumented)) == [
-        ("/vm.create", 500), ("/vm.pause", 500), ("/vm.restore", 500),
-        ("/vm.resume", 500), ("/vm.shutdown", 500), ("/vm.snapshot", 500),
+        ("/vm.create", 500),
+        ("/vm.pause", 500),
+        ("/vm.restore", 500),
+        ("/vm.resume", 500),
+        ("/vm.shutdown", 500),
+        ("/vm.snapshot", 500),
     ]
 
 
 def test_requests_out_of_order_on_a_booted_vm(
-    sandbox: Sandbox, make_driver: Callable[..., CloudHypervisorDriver],
-    conformance: Conformance, tmp_path: Path,
+    sandbox: Sandbox,
+    make_driver: Callable[..., CloudHypervisorDriver],
+    conformance: Conformance,
+    tmp_path: Path,
 ) -> None:
     drv = make_driver(recorder=conformance)
     process = drv.launch(sandbox.spec(), 10)
@@ -245,8 +275,9 @@ def test_requests_out_of_order_on_a_booted_vm(
         drv.shutdown(process, sandbox.socket, 5)
 
 
-def test_malformed_bodies_are_400(sandbox: Sandbox,
-                                  driver: CloudHypervisorDriver) -> None:
+def test_malformed_bodies_are_400(
+    sandbox: Sandbox, driver: CloudHypervisorDriver
+) -> None:
     process = driver.launch(sandbox.spec(), 10)
     client = driver.client(sandbox.socket)
     try:

@@ -72,7 +72,10 @@ def files_left(box: Sandbox) -> list[str]:
 
 @pytest.mark.host
 def test_launch_runs_the_vmm_inside_the_namespace(
-    netns: str, tmp_path: Path, driver: CloudHypervisorDriver, owner: str,
+    netns: str,
+    tmp_path: Path,
+    driver: CloudHypervisorDriver,
+    owner: str,
 ) -> None:
     box = make_sandbox(tmp_path, netns)
     os.rmdir(box.dir)
@@ -103,7 +106,9 @@ def test_launch_runs_the_vmm_inside_the_namespace(
 
 
 def test_launch_into_a_missing_namespace_fails_cleanly(
-    sandbox: Sandbox, driver: CloudHypervisorDriver, owner: str,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
+    owner: str,
 ) -> None:
     sandbox.netns = unique("wnons")
     with pytest.raises(VmmError) as failure:
@@ -114,8 +119,9 @@ def test_launch_into_a_missing_namespace_fails_cleanly(
     assert files_left(sandbox) == []
 
 
-def test_a_stale_socket_is_removed_before_launch(sandbox: Sandbox,
-                                                 driver: CloudHypervisorDriver) -> None:
+def test_a_stale_socket_is_removed_before_launch(
+    sandbox: Sandbox, driver: CloudHypervisorDriver
+) -> None:
     leftover = socket.socket(socket.AF_UNIX)
     leftover.bind(sandbox.socket)
     leftover.close()
@@ -127,7 +133,9 @@ def test_a_stale_socket_is_removed_before_launch(sandbox: Sandbox,
 
 
 def test_a_live_socket_or_other_file_refuses_launch(
-    sandbox: Sandbox, driver: CloudHypervisorDriver, owner: str,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
+    owner: str,
 ) -> None:
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(sandbox.socket)
@@ -149,7 +157,10 @@ def test_a_live_socket_or_other_file_refuses_launch(
 
 
 def test_a_missing_binary_fails_before_anything_starts(
-    sandbox: Sandbox, driver: CloudHypervisorDriver, tmp_path: Path, owner: str,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
+    tmp_path: Path,
+    owner: str,
 ) -> None:
     sandbox.binary = str(tmp_path / "no-such-cloud-hypervisor")
     with pytest.raises(VmmError) as failure:
@@ -167,15 +178,21 @@ def fake_vmm(tmp_path: Path, body: str) -> str:
 
 
 def test_a_vmm_that_dies_at_start_leaves_nothing(
-    sandbox: Sandbox, driver: CloudHypervisorDriver, tmp_path: Path, owner: str,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
+    tmp_path: Path,
+    owner: str,
 ) -> None:
-    sandbox.binary = fake_vmm(tmp_path, """
+    sandbox.binary = fake_vmm(
+        tmp_path,
+        """
         import socket, sys
         path = sys.argv[sys.argv.index("--api-socket") + 1][len("path="):]
         socket.socket(socket.AF_UNIX).bind(path)
         sys.stderr.write("fake vmm: boom\\n")
         sys.exit(3)
-    """)
+    """,
+    )
     with pytest.raises(VmmError) as failure:
         driver.launch(sandbox.spec(), 10)
     assert "status 3" in failure.value.detail
@@ -185,13 +202,19 @@ def test_a_vmm_that_dies_at_start_leaves_nothing(
 
 
 def test_a_vmm_whose_api_never_answers_is_killed(
-    sandbox: Sandbox, driver: CloudHypervisorDriver, tmp_path: Path, owner: str,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
+    tmp_path: Path,
+    owner: str,
 ) -> None:
-    sandbox.binary = fake_vmm(tmp_path, """
+    sandbox.binary = fake_vmm(
+        tmp_path,
+        """
         import time
         print("fake vmm: sleeping", flush=True)
         time.sleep(60)
-    """)
+    """,
+    )
     with pytest.raises(VmmError) as failure:
         driver.launch(sandbox.spec(), 0.5)
     assert "did not answer within 0.5s" in failure.value.detail
@@ -200,12 +223,17 @@ def test_a_vmm_whose_api_never_answers_is_killed(
 
 
 def test_a_vmm_started_through_a_script_is_recognised(
-    sandbox: Sandbox, driver: CloudHypervisorDriver, tmp_path: Path,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
+    tmp_path: Path,
 ) -> None:
-    sandbox.binary = fake_vmm(tmp_path, """
+    sandbox.binary = fake_vmm(
+        tmp_path,
+        """
         from wrenn_engine.host.vmm.simulator import main
         raise SystemExit(main())
-    """)
+    """,
+    )
     process = driver.launch(sandbox.spec(), 10)
     assert process.argv[:2] == (sys.executable, sandbox.binary)
     assert driver.is_running(process)
@@ -215,27 +243,39 @@ def test_a_vmm_started_through_a_script_is_recognised(
 
 
 def test_the_console_script_runs_the_simulator_directly(
-    sandbox: Sandbox, driver: CloudHypervisorDriver,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
 ) -> None:
     sandbox.binary = os.path.join(os.path.dirname(sys.executable), "wrenn-ch-simulator")
     assert driver.command(sandbox.spec())[:4] == [
-        sys.executable, "-I", "-S", launcher.SIMULATOR_PATH]
+        sys.executable,
+        "-I",
+        "-S",
+        launcher.SIMULATOR_PATH,
+    ]
     process = driver.launch(sandbox.spec(), 10)
     assert driver.is_running(process)
     driver.shutdown(process, sandbox.socket, 5)
 
 
-def test_spec_paths_are_checked(sandbox: Sandbox, driver: CloudHypervisorDriver,
-                                tmp_path: Path) -> None:
+def test_spec_paths_are_checked(
+    sandbox: Sandbox, driver: CloudHypervisorDriver, tmp_path: Path
+) -> None:
     long_dir = tmp_path / ("d" * 100)
     spec = sandbox.spec()
     with pytest.raises(ConfigError) as too_long:
-        driver.launch(spec.__class__(**{**spec.to_dict(),
-                                        "socket_path": str(long_dir / "api.sock")}), 1)
+        driver.launch(
+            spec.__class__(
+                **{**spec.to_dict(), "socket_path": str(long_dir / "api.sock")}
+            ),
+            1,
+        )
     assert too_long.value.field == "socket_path"
     with pytest.raises(ConfigError):
-        driver.launch(spec.__class__(**{**spec.to_dict(),
-                                        "log_path": str(tmp_path / "a,b.log")}), 1)
+        driver.launch(
+            spec.__class__(**{**spec.to_dict(), "log_path": str(tmp_path / "a,b.log")}),
+            1,
+        )
 
 
 def test_the_sandbox_directory_is_created_safely(tmp_path: Path) -> None:
@@ -270,7 +310,9 @@ def boot_without_net(drv: CloudHypervisorDriver, box: Sandbox) -> None:
 
 
 def test_shutdown_of_a_paused_vm_is_graceful(
-    sandbox: Sandbox, driver: CloudHypervisorDriver, caplog: pytest.LogCaptureFixture,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     process = driver.launch(sandbox.spec(), 10)
     boot_without_net(driver, sandbox)
@@ -279,14 +321,19 @@ def test_shutdown_of_a_paused_vm_is_graceful(
 
     driver.shutdown(process, sandbox.socket, 5)
     assert pid_gone(process.pid)
-    assert event_names(sandbox.events)[-3:] == ["vm.shutdown", "vm.deleted",
-                                                "vmm.shutdown"]
+    assert event_names(sandbox.events)[-3:] == [
+        "vm.shutdown",
+        "vm.deleted",
+        "vmm.shutdown",
+    ]
     assert not [r for r in caplog.records if "SIG" in r.getMessage()]
     assert files_left(sandbox) == []
 
 
 def test_a_vmm_ignoring_shutdown_gets_sigterm_then_sigkill(
-    sandbox: Sandbox, make_driver: MakeDriver, caplog: pytest.LogCaptureFixture,
+    sandbox: Sandbox,
+    make_driver: MakeDriver,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     drv = make_driver(simulator_args=("--sim-ignore-shutdown",), term_grace_s=0.2)
     process = drv.launch(sandbox.spec(), 10)
@@ -301,8 +348,9 @@ def test_a_vmm_ignoring_shutdown_gets_sigterm_then_sigkill(
     assert files_left(sandbox) == []
 
 
-def test_a_vmm_that_exited_by_itself_is_reaped(sandbox: Sandbox,
-                                              driver: CloudHypervisorDriver) -> None:
+def test_a_vmm_that_exited_by_itself_is_reaped(
+    sandbox: Sandbox, driver: CloudHypervisorDriver
+) -> None:
     process = driver.launch(sandbox.spec(), 10)
     boot_without_net(driver, sandbox)
     os.kill(process.pid, signal.SIGUSR1)
@@ -314,7 +362,8 @@ def test_a_vmm_that_exited_by_itself_is_reaped(sandbox: Sandbox,
 
 
 def test_is_running_refuses_a_recycled_or_foreign_pid(
-    sandbox: Sandbox, driver: CloudHypervisorDriver,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
 ) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
@@ -366,13 +415,18 @@ print(json.dumps(process.to_dict()))
 
 
 def test_leftovers_finds_and_removes_an_orphaned_vmm(
-    sandbox: Sandbox, make_driver: MakeDriver, owner: str,
+    sandbox: Sandbox,
+    make_driver: MakeDriver,
+    owner: str,
 ) -> None:
     with subreaper():
         spec = json.dumps(sandbox.spec().to_dict())
         earlier = subprocess.run(
             [sys.executable, "-c", ORPHANING_ENGINE, spec, owner],
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         process = VmmProcess.from_dict(json.loads(earlier.stdout))
         try:
@@ -417,23 +471,45 @@ def test_find_cloud_hypervisor(tmp_path: Path) -> None:
 # --- the event monitor ----------------------------------------------------------------
 
 
-PRETTY = json.dumps({"timestamp": {"secs": 1, "nanos": 5}, "source": "vm",
-                     "event": "booted", "properties": None}, indent=2)
+PRETTY = json.dumps(
+    {
+        "timestamp": {"secs": 1, "nanos": 5},
+        "source": "vm",
+        "event": "booted",
+        "properties": None,
+    },
+    indent=2,
+)
 
 
 def event_line(source: str, event: str, **properties: str) -> str:
-    return json.dumps({"timestamp": {"secs": 0, "nanos": 1}, "source": source,
-                       "event": event, "properties": properties or None}) + "\n"
+    return (
+        json.dumps(
+            {
+                "timestamp": {"secs": 0, "nanos": 1},
+                "source": source,
+                "event": event,
+                "properties": properties or None,
+            }
+        )
+        + "\n"
+    )
 
 
 @pytest.fixture
-def monitored(tmp_path: Path) -> Iterator[tuple[Path, EventMonitor, list[VmmEvent],
-                                                list[GuestExit]]]:
+def monitored(
+    tmp_path: Path,
+) -> Iterator[tuple[Path, EventMonitor, list[VmmEvent], list[GuestExit]]]:
     path = tmp_path / "events.json"
     seen: list[VmmEvent] = []
     exits: list[GuestExit] = []
-    monitor = EventMonitor(str(path), seen.append, on_exit=exits.append,
-                           sandbox_id="sbtest", poll_interval=0.01)
+    monitor = EventMonitor(
+        str(path),
+        seen.append,
+        on_exit=exits.append,
+        sandbox_id="sbtest",
+        poll_interval=0.01,
+    )
     monitor.start()
     try:
         yield path, monitor, seen, exits
@@ -525,8 +601,13 @@ def test_monitor_reports_a_vmm_that_vanished(tmp_path: Path) -> None:
     path.write_text(event_line("vmm", "starting"))
     alive = [True]
     exits: list[GuestExit] = []
-    monitor = EventMonitor(str(path), lambda e: None, on_exit=exits.append,
-                           is_alive=lambda: alive[0], poll_interval=0.01).start()
+    monitor = EventMonitor(
+        str(path),
+        lambda e: None,
+        on_exit=exits.append,
+        is_alive=lambda: alive[0],
+        poll_interval=0.01,
+    ).start()
     try:
         assert wait_for(lambda: len(monitor.events) == 1)
         alive[0] = False
@@ -536,12 +617,14 @@ def test_monitor_reports_a_vmm_that_vanished(tmp_path: Path) -> None:
         monitor.stop()
 
 
-def test_follow_events_of_a_real_simulator(sandbox: Sandbox,
-                                           driver: CloudHypervisorDriver) -> None:
+def test_follow_events_of_a_real_simulator(
+    sandbox: Sandbox, driver: CloudHypervisorDriver
+) -> None:
     exits: list[GuestExit] = []
     process = driver.launch(sandbox.spec(), 10)
-    monitor = driver.follow_events(sandbox.spec(), process, lambda e: None,
-                                   on_exit=exits.append)
+    monitor = driver.follow_events(
+        sandbox.spec(), process, lambda e: None, on_exit=exits.append
+    )
     try:
         boot_without_net(driver, sandbox)
         os.kill(process.pid, signal.SIGUSR2)
@@ -554,28 +637,34 @@ def test_follow_events_of_a_real_simulator(sandbox: Sandbox,
 
     exits.clear()
     process = driver.launch(sandbox.spec(), 10)
-    monitor = driver.follow_events(sandbox.spec(), process, lambda e: None,
-                                   on_exit=exits.append)
+    monitor = driver.follow_events(
+        sandbox.spec(), process, lambda e: None, on_exit=exits.append
+    )
     try:
         boot_without_net(driver, sandbox)
         monitor.expect_shutdown()
         driver.shutdown(process, sandbox.socket, 5)
         assert wait_for(lambda: not monitor.running)
         assert exits == []
-        assert [e.name for e in monitor.events][-3:] == ["vm.shutdown", "vm.deleted",
-                                                         "vmm.shutdown"]
+        assert [e.name for e in monitor.events][-3:] == [
+            "vm.shutdown",
+            "vm.deleted",
+            "vmm.shutdown",
+        ]
     finally:
         monitor.stop()
         driver.shutdown(process, sandbox.socket, 5)
 
 
 def test_real_cloud_hypervisor_answers_like_the_simulator(
-    sandbox: Sandbox, driver: CloudHypervisorDriver,
+    sandbox: Sandbox,
+    driver: CloudHypervisorDriver,
 ) -> None:
     binary = find_cloud_hypervisor()
     if binary is None:
-        pytest.skip("cloud-hypervisor binary not installed (no Debian or PyPI package "
-                    "ships it)")
+        pytest.skip(
+            "cloud-hypervisor binary not installed (no Debian or PyPI package ships it)"
+        )
     if not os.path.exists("/dev/kvm"):
         pytest.skip("cloud-hypervisor needs /dev/kvm, which this machine lacks")
     require_root()

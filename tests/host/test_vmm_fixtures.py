@@ -29,7 +29,9 @@ from wrenn_engine.host.vmm.config import build_vm_config
 from wrenn_engine.host.vmm.driver import SIMULATOR, CloudHypervisorDriver, VmmSettings
 
 OPENAPI_DEFAULT = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "cloud-hypervisor"
+    Path(__file__).resolve().parents[2].parent
+    / "shared"
+    / "cloud-hypervisor"
     / "cloud-hypervisor.yaml"
 )
 TAP = "tap0"
@@ -122,27 +124,41 @@ class Sandbox:
 
     def spec(self, restore_from: str = "") -> VmmSpec:
         return VmmSpec(
-            sandbox_id=self.id, binary=self.binary, netns=self.netns,
-            socket_path=self.socket, sandbox_dir=str(self.dir), log_path=self.log,
-            event_monitor_path=self.events, restore_from=restore_from,
+            sandbox_id=self.id,
+            binary=self.binary,
+            netns=self.netns,
+            socket_path=self.socket,
+            sandbox_dir=str(self.dir),
+            log_path=self.log,
+            event_monitor_path=self.events,
+            restore_from=restore_from,
         )
 
     def vm_config(self) -> VMConfig:
         return VMConfig(
-            sandbox_id=self.id, kernel_path=str(self.kernel),
-            rootfs_path=str(self.disk), vcpus=1, memory_mb=MEMORY_MB,
-            network_namespace=self.netns or "none", tap_device=TAP,
-            tap_mac="02:FC:00:00:00:05", guest_ip="169.254.0.21",
-            gateway_ip="169.254.0.22", netmask="255.255.255.252",
-            socket_path=self.socket, sandbox_dir=str(self.dir),
-            init_path="/usr/local/bin/wrenn-init", vmm_bin=self.binary,
+            sandbox_id=self.id,
+            kernel_path=str(self.kernel),
+            rootfs_path=str(self.disk),
+            vcpus=1,
+            memory_mb=MEMORY_MB,
+            network_namespace=self.netns or "none",
+            tap_device=TAP,
+            tap_mac="02:FC:00:00:00:05",
+            guest_ip="169.254.0.21",
+            gateway_ip="169.254.0.22",
+            netmask="255.255.255.252",
+            socket_path=self.socket,
+            sandbox_dir=str(self.dir),
+            init_path="/usr/local/bin/wrenn-init",
+            vmm_bin=self.binary,
         )
 
     def body(self, *, net: bool = True, **disk: Any) -> dict[str, Any]:
         """The engine's vm.create body; without ``net`` no TAP is needed."""
         spec = DiskSpec(path=str(disk.pop("path", self.disk)), **disk)
-        config = build_vm_config(self.vm_config(), spec,
-                                 serial_path=str(self.dir / "serial.log"))
+        config = build_vm_config(
+            self.vm_config(), spec, serial_path=str(self.dir / "serial.log")
+        )
         if not net:
             del config["net"]
         return config
@@ -191,11 +207,13 @@ class SimulatorRun:
     proc: subprocess.Popen[bytes]
     sandbox: Sandbox
     records: list[tuple[str, str, bytes | None, int, bytes]] = field(
-        default_factory=list)
+        default_factory=list
+    )
 
     def client(self, timeout: float = 5.0) -> VmmClient:
-        return VmmClient(self.sandbox.socket, timeout,
-                         recorder=lambda *r: self.records.append(r))
+        return VmmClient(
+            self.sandbox.socket, timeout, recorder=lambda *r: self.records.append(r)
+        )
 
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.sandbox.events)
@@ -240,11 +258,16 @@ def start_simulator() -> Iterator[Callable[..., SimulatorRun]]:
 
     def start(sandbox: Sandbox, *extra: str, wait: bool = True) -> SimulatorRun:
         argv = launcher.vmm_argv(
-            sandbox.spec(), [sys.executable, "-I", "-S", launcher.SIMULATOR_PATH],
+            sandbox.spec(),
+            [sys.executable, "-I", "-S", launcher.SIMULATOR_PATH],
             extra=extra,
         )
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         run = SimulatorRun(proc, sandbox)
         runs.append(run)
         if wait:
@@ -271,8 +294,12 @@ def make_driver(owner: str) -> Iterator[Callable[..., CloudHypervisorDriver]]:
     running is killed at the end."""
 
     def make(**settings: Any) -> CloudHypervisorDriver:
-        values: dict[str, Any] = {"owner": owner, "api_timeout_s": 5.0,
-                                  "term_grace_s": 1.0, "kill_wait_s": 5.0}
+        values: dict[str, Any] = {
+            "owner": owner,
+            "api_timeout_s": 5.0,
+            "term_grace_s": 1.0,
+            "kill_wait_s": 5.0,
+        }
         values.update(settings)
         return CloudHypervisorDriver(VmmSettings(**values))
 
@@ -297,9 +324,28 @@ def signal_name(signum: int) -> str:
 
 
 __all__ = [
-    "MEMORY_MB", "TAP", "Sandbox", "SimulatorRun", "add_tap", "driver", "event_names",
-    "kill_and_reap", "link_carrier", "make_driver", "make_netns", "make_sandbox",
-    "netns", "openapi_path", "owner", "pid_gone", "read_events", "remove_netns",
-    "sandbox", "skip_or_fail", "start_simulator", "tap_netns", "wait_for",
+    "MEMORY_MB",
+    "TAP",
+    "Sandbox",
+    "SimulatorRun",
+    "add_tap",
+    "driver",
+    "event_names",
+    "kill_and_reap",
+    "link_carrier",
+    "make_driver",
+    "make_netns",
+    "make_sandbox",
+    "netns",
+    "openapi_path",
+    "owner",
+    "pid_gone",
+    "read_events",
+    "remove_netns",
+    "sandbox",
+    "skip_or_fail",
+    "start_simulator",
+    "tap_netns",
+    "wait_for",
     "wait_for_socket",
 ]

@@ -80,8 +80,9 @@ def boot_error(run: SimulatorRun, body: dict[str, object]) -> VmmError:
 # --- TAP ------------------------------------------------------------------------------
 
 
-def test_boot_fails_when_the_tap_does_not_exist(sandbox: Sandbox,
-                                                start_simulator: Start) -> None:
+def test_boot_fails_when_the_tap_does_not_exist(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox)
     body = sandbox.body()
     body["net"][0]["tap"] = "wnotap0"
@@ -93,7 +94,9 @@ def test_boot_fails_when_the_tap_does_not_exist(sandbox: Sandbox,
 
 @pytest.mark.host
 def test_boot_attaches_the_tap_in_the_sandbox_namespace(
-    tap_netns: str, tmp_path: Path, driver: CloudHypervisorDriver,
+    tap_netns: str,
+    tmp_path: Path,
+    driver: CloudHypervisorDriver,
 ) -> None:
     box = make_sandbox(tmp_path, tap_netns)
     process = driver.launch(box.spec(), 10)
@@ -117,9 +120,9 @@ def test_boot_attaches_the_tap_in_the_sandbox_namespace(
 # --- disks, kernel, serial ------------------------------------------------------------
 
 
-def test_boot_fails_on_a_missing_or_unusable_disk(sandbox: Sandbox,
-                                                  start_simulator: Start,
-                                                  tmp_path: Path) -> None:
+def test_boot_fails_on_a_missing_or_unusable_disk(
+    sandbox: Sandbox, start_simulator: Start, tmp_path: Path
+) -> None:
     run = start_simulator(sandbox)
     error = boot_error(run, sandbox.body(net=False, path=str(tmp_path / "nope.raw")))
     assert "nope.raw" in error.detail
@@ -131,14 +134,14 @@ def test_boot_fails_on_a_missing_or_unusable_disk(sandbox: Sandbox,
     assert "a-directory" in error.detail
     run.client().delete()
 
-    error = boot_error(run, sandbox.body(net=False, path=str(directory),
-                                         readonly=True))
+    error = boot_error(run, sandbox.body(net=False, path=str(directory), readonly=True))
     assert "not a file or block device" in error.detail
     assert run.proc.poll() is None
 
 
-def test_boot_fails_on_a_disk_another_process_locked(sandbox: Sandbox,
-                                                     start_simulator: Start) -> None:
+def test_boot_fails_on_a_disk_another_process_locked(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox)
     with open(sandbox.disk, "r+b") as disk:
         fcntl.lockf(disk, fcntl.LOCK_EX)
@@ -149,8 +152,9 @@ def test_boot_fails_on_a_disk_another_process_locked(sandbox: Sandbox,
     assert run.client().info()["state"] == "Running"
 
 
-def test_a_readonly_disk_is_opened_readonly(sandbox: Sandbox,
-                                            start_simulator: Start) -> None:
+def test_a_readonly_disk_is_opened_readonly(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox)
     run.client().create(sandbox.body(net=False, readonly=True))
     run.client().boot()
@@ -164,16 +168,18 @@ def test_a_readonly_disk_is_opened_readonly(sandbox: Sandbox,
         pytest.fail("the disk is not held open")
 
 
-def test_boot_fails_on_a_missing_kernel(sandbox: Sandbox,
-                                        start_simulator: Start) -> None:
+def test_boot_fails_on_a_missing_kernel(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox)
     sandbox.kernel.unlink()
     error = boot_error(run, sandbox.body(net=False))
     assert "kernel" in error.detail
 
 
-def test_serial_console_goes_to_its_file(sandbox: Sandbox,
-                                         start_simulator: Start) -> None:
+def test_serial_console_goes_to_its_file(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox)
     run.client().create(sandbox.body(net=False))
     run.client().boot()
@@ -192,25 +198,32 @@ def qcow2(tmp_path: Path, name: str, backing: Path | None = None) -> Path:
     return image
 
 
-def test_qcow2_overlay_needs_backing_files(sandbox: Sandbox, start_simulator: Start,
-                                          tmp_path: Path) -> None:
+def test_qcow2_overlay_needs_backing_files(
+    sandbox: Sandbox, start_simulator: Start, tmp_path: Path
+) -> None:
     overlay = qcow2(tmp_path, "overlay.qcow2", backing=sandbox.disk)
     run = start_simulator(sandbox)
 
-    error = boot_error(run, sandbox.body(net=False, path=str(overlay),
-                                         image_type="Qcow2"))
+    error = boot_error(
+        run, sandbox.body(net=False, path=str(overlay), image_type="Qcow2")
+    )
     assert "backing" in error.detail
     run.client().delete()
 
-    run.client().create(sandbox.body(net=False, path=str(overlay), image_type="Qcow2",
-                                     backing_files=True))
+    run.client().create(
+        sandbox.body(
+            net=False, path=str(overlay), image_type="Qcow2", backing_files=True
+        )
+    )
     run.client().boot()
     held = held_files(run.proc.pid).values()
     assert str(overlay) in held and str(sandbox.disk) in held
 
 
 def test_qcow2_with_a_missing_backing_file_or_bad_magic_fails(
-    sandbox: Sandbox, start_simulator: Start, tmp_path: Path,
+    sandbox: Sandbox,
+    start_simulator: Start,
+    tmp_path: Path,
 ) -> None:
     template = tmp_path / "template.raw"
     template.write_bytes(b"\0" * 4096)
@@ -218,8 +231,12 @@ def test_qcow2_with_a_missing_backing_file_or_bad_magic_fails(
     template.unlink()
     run = start_simulator(sandbox)
 
-    error = boot_error(run, sandbox.body(net=False, path=str(overlay),
-                                         image_type="Qcow2", backing_files=True))
+    error = boot_error(
+        run,
+        sandbox.body(
+            net=False, path=str(overlay), image_type="Qcow2", backing_files=True
+        ),
+    )
     assert "template.raw" in error.detail
     run.client().delete()
 
@@ -236,9 +253,9 @@ def booted(run: SimulatorRun, body: dict[str, object]) -> None:
     client.boot()
 
 
-def test_snapshot_writes_config_state_and_memory(sandbox: Sandbox,
-                                                start_simulator: Start,
-                                                tmp_path: Path) -> None:
+def test_snapshot_writes_config_state_and_memory(
+    sandbox: Sandbox, start_simulator: Start, tmp_path: Path
+) -> None:
     run = start_simulator(sandbox)
     body = sandbox.body(net=False)
     booted(run, body)
@@ -249,7 +266,10 @@ def test_snapshot_writes_config_state_and_memory(sandbox: Sandbox,
     client.snapshot(f"file://{snapshot}")
 
     assert sorted(p.name for p in snapshot.iterdir()) == [
-        "config.json", "memory-ranges", "state.json"]
+        "config.json",
+        "memory-ranges",
+        "state.json",
+    ]
     assert json.loads((snapshot / "config.json").read_text()) == body
     state = json.loads((snapshot / "state.json").read_text())
     assert state["vm_state"] == "Paused"
@@ -273,8 +293,9 @@ def take_snapshot(sandbox: Sandbox, start_simulator: Start, tmp_path: Path) -> P
     return snapshot
 
 
-def test_restore_reads_the_snapshot_back(sandbox: Sandbox, start_simulator: Start,
-                                         tmp_path: Path) -> None:
+def test_restore_reads_the_snapshot_back(
+    sandbox: Sandbox, start_simulator: Start, tmp_path: Path
+) -> None:
     snapshot = take_snapshot(sandbox, start_simulator, tmp_path)
     run = start_simulator(sandbox)
     client = run.client()
@@ -286,11 +307,17 @@ def test_restore_reads_the_snapshot_back(sandbox: Sandbox, start_simulator: Star
     client.resume()
     assert client.info()["state"] == "Running"
     assert event_names(sandbox.events)[-4:] == [
-        "vm.restoring", "vm.restored", "vm.resuming", "vm.resumed"]
+        "vm.restoring",
+        "vm.restored",
+        "vm.resuming",
+        "vm.resumed",
+    ]
 
 
 def test_restore_with_resume_and_from_the_command_line(
-    sandbox: Sandbox, start_simulator: Start, tmp_path: Path,
+    sandbox: Sandbox,
+    start_simulator: Start,
+    tmp_path: Path,
 ) -> None:
     snapshot = take_snapshot(sandbox, start_simulator, tmp_path)
     run = start_simulator(sandbox)
@@ -304,13 +331,15 @@ def test_restore_with_resume_and_from_the_command_line(
     run.client().shutdown_vmm()
     run.proc.wait(5)
 
-    run = start_simulator(sandbox, "--restore",
-                          f"source_url=file://{snapshot},resume=true")
+    run = start_simulator(
+        sandbox, "--restore", f"source_url=file://{snapshot},resume=true"
+    )
     assert run.client().info()["state"] == "Running"
 
 
-def test_restore_from_a_broken_snapshot_fails(sandbox: Sandbox, start_simulator: Start,
-                                              tmp_path: Path) -> None:
+def test_restore_from_a_broken_snapshot_fails(
+    sandbox: Sandbox, start_simulator: Start, tmp_path: Path
+) -> None:
     snapshot = take_snapshot(sandbox, start_simulator, tmp_path)
     (snapshot / "memory-ranges").unlink()
     run = start_simulator(sandbox)
@@ -324,8 +353,9 @@ def test_restore_from_a_broken_snapshot_fails(sandbox: Sandbox, start_simulator:
     run.client().shutdown_vmm()
     assert run.proc.wait(5) == 0
 
-    bad = start_simulator(sandbox, "--restore", f"source_url=file://{snapshot}",
-                          wait=False)
+    bad = start_simulator(
+        sandbox, "--restore", f"source_url=file://{snapshot}", wait=False
+    )
     assert bad.proc.wait(10) == 1
     assert "memory-ranges" in launcher.log_tail(sandbox.log)
 
@@ -334,7 +364,9 @@ def test_restore_from_a_broken_snapshot_fails(sandbox: Sandbox, start_simulator:
 
 
 def test_event_monitor_lines_have_the_documented_fields(
-    sandbox: Sandbox, start_simulator: Start, tmp_path: Path,
+    sandbox: Sandbox,
+    start_simulator: Start,
+    tmp_path: Path,
 ) -> None:
     run = start_simulator(sandbox)
     booted(run, sandbox.body(net=False))
@@ -354,9 +386,18 @@ def test_event_monitor_lines_have_the_documented_fields(
     stamps = [(e["timestamp"]["secs"], e["timestamp"]["nanos"]) for e in events]
     assert stamps == sorted(stamps)
     assert event_names(sandbox.events) == [
-        "vmm.starting", "vm.booting", "vm.booted", "vm.pausing", "vm.paused",
-        "vm.snapshotting", "vm.snapshotted", "vm.resuming", "vm.resumed",
-        "vm.shutdown", "vm.deleted", "vmm.shutdown",
+        "vmm.starting",
+        "vm.booting",
+        "vm.booted",
+        "vm.pausing",
+        "vm.paused",
+        "vm.snapshotting",
+        "vm.snapshotted",
+        "vm.resuming",
+        "vm.resumed",
+        "vm.shutdown",
+        "vm.deleted",
+        "vmm.shutdown",
     ]
     parser = EventParser()
     parsed = parser.feed(Path(sandbox.events).read_bytes())
@@ -367,18 +408,23 @@ def test_event_monitor_lines_have_the_documented_fields(
 # --- signals and guest exits ----------------------------------------------------------
 
 
-def test_sigusr1_is_a_guest_poweroff_and_the_vmm_exits(sandbox: Sandbox,
-                                                       start_simulator: Start) -> None:
+def test_sigusr1_is_a_guest_poweroff_and_the_vmm_exits(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox)
     booted(run, sandbox.body(net=False))
     run.signal(signal.SIGUSR1)
     assert run.proc.wait(5) == 0
-    assert event_names(sandbox.events)[-3:] == ["vm.shutdown", "vm.deleted",
-                                                "vmm.shutdown"]
+    assert event_names(sandbox.events)[-3:] == [
+        "vm.shutdown",
+        "vm.deleted",
+        "vmm.shutdown",
+    ]
 
 
-def test_guest_poweroff_with_no_shutdown_keeps_the_vmm(sandbox: Sandbox,
-                                                       start_simulator: Start) -> None:
+def test_guest_poweroff_with_no_shutdown_keeps_the_vmm(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox, "--no-shutdown")
     booted(run, sandbox.body(net=False))
     run.client().power_button()
@@ -388,8 +434,9 @@ def test_guest_poweroff_with_no_shutdown_keeps_the_vmm(sandbox: Sandbox,
     assert str(sandbox.disk) not in held_files(run.proc.pid).values()
 
 
-def test_sigusr2_is_a_guest_panic_and_the_vmm_dies(sandbox: Sandbox,
-                                                   start_simulator: Start) -> None:
+def test_sigusr2_is_a_guest_panic_and_the_vmm_dies(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     run = start_simulator(sandbox)
     booted(run, sandbox.body(net=False))
     run.signal(signal.SIGUSR2)
@@ -403,13 +450,17 @@ def test_sigterm_shuts_down_cleanly(sandbox: Sandbox, start_simulator: Start) ->
     run.client().pause()
     run.signal(signal.SIGTERM)
     assert run.proc.wait(5) == 0
-    assert event_names(sandbox.events)[-3:] == ["vm.shutdown", "vm.deleted",
-                                                "vmm.shutdown"]
+    assert event_names(sandbox.events)[-3:] == [
+        "vm.shutdown",
+        "vm.deleted",
+        "vmm.shutdown",
+    ]
     assert launcher.socket_state(sandbox.socket) == "stale"
 
 
 def test_ignore_shutdown_flag_ignores_sigterm_and_shutdown(
-    sandbox: Sandbox, start_simulator: Start,
+    sandbox: Sandbox,
+    start_simulator: Start,
 ) -> None:
     run = start_simulator(sandbox, "--sim-ignore-shutdown")
     run.signal(signal.SIGTERM)
@@ -443,10 +494,14 @@ def test_http_details(sandbox: Sandbox, start_simulator: Start) -> None:
     answer = raw_exchange(sock, b"GET /api/v1/vm.boot HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
     answer = raw_exchange(
-        sock, b"PUT /api/v1/vm.boot HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        sock, b"PUT /api/v1/vm.boot HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+    )
     assert answer.startswith(b"HTTP/1.1 400 ")
-    answer = raw_exchange(sock, b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: "
-                                b"5\r\nExpect: 100-continue\r\n\r\n")
+    answer = raw_exchange(
+        sock,
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: "
+        b"5\r\nExpect: 100-continue\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 100 Continue")
     answer = raw_exchange(sock, b"garbage\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
@@ -462,8 +517,9 @@ def test_http_details(sandbox: Sandbox, start_simulator: Start) -> None:
             assert b"Server: Cloud Hypervisor API" in head
 
 
-def test_a_second_vmm_on_the_same_socket_is_refused(sandbox: Sandbox,
-                                                   start_simulator: Start) -> None:
+def test_a_second_vmm_on_the_same_socket_is_refused(
+    sandbox: Sandbox, start_simulator: Start
+) -> None:
     first = start_simulator(sandbox)
     second = start_simulator(sandbox, wait=False)
     assert second.proc.wait(10) == 1
@@ -479,9 +535,19 @@ def test_socket_and_files_are_private(sandbox: Sandbox, start_simulator: Start) 
 
 def test_unknown_options_are_refused(sandbox: Sandbox) -> None:
     result = subprocess.run(
-        [sys.executable, "-I", "-S", launcher.SIMULATOR_PATH, "--api-socket",
-         f"path={sandbox.socket}", "--kernel", "/vmlinux"],
-        capture_output=True, text=True, timeout=10,
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            launcher.SIMULATOR_PATH,
+            "--api-socket",
+            f"path={sandbox.socket}",
+            "--kernel",
+            "/vmlinux",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     assert result.returncode == 2
     assert "--kernel" in result.stderr

@@ -9,6 +9,7 @@ it on every path, and then checks the kernel holds nothing with the prefix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -51,17 +52,24 @@ class RealHost:
             "run_dir": self.run_dir,
             "workers": False,
             "lifecycle": LifecycleSettings(launch_timeout_s=10, shutdown_timeout_s=3),
-            "network": NetworkSettings(prefix=self.prefix, host_netns=self.host_netns,
-                                       max_slots=64),
+            "network": NetworkSettings(
+                prefix=self.prefix, host_netns=self.host_netns, max_slots=64
+            ),
             "rootfs": RootfsSettings(strategy="auto", work_dir=self.work_dir),
             "vmm_driver": VmmSettings(owner=self.owner),
         }
         base.update(overrides)
         return EngineSettings(**base)
 
-    def open(self, failpoints: dict[str, str] | None = None, **overrides: Any) -> Engine:
-        engine = Engine.open(self.url, settings=self.settings(**overrides),
-                             failpoints=Failpoints(failpoints or {}), auto_upgrade=True)
+    def open(
+        self, failpoints: dict[str, str] | None = None, **overrides: Any
+    ) -> Engine:
+        engine = Engine.open(
+            self.url,
+            settings=self.settings(**overrides),
+            failpoints=Failpoints(failpoints or {}),
+            auto_upgrade=True,
+        )
         self.engines.append(engine)
         return engine
 
@@ -71,41 +79,58 @@ class RealHost:
         return {n for n in netns.names() if n.startswith(f"{self.prefix}-")}
 
     def host_links(self) -> set[str]:
-        return {link["ifname"] for link in ip_json(self.host_netns, "link", "show")
-                if link["ifname"].startswith(self.prefix)}
+        return {
+            link["ifname"]
+            for link in ip_json(self.host_netns, "link", "show")
+            if link["ifname"].startswith(self.prefix)
+        }
 
     def nft_tables(self) -> set[str]:
-        return {name for _, name in nft.list_tables(self.host_netns)
-                if name.startswith(self.prefix)}
+        return {
+            name
+            for _, name in nft.list_tables(self.host_netns)
+            if name.startswith(self.prefix)
+        }
 
     def vmm_pids(self) -> set[int]:
         return {pid for pid, _ in find_marked(self.owner)}
 
     def loops(self) -> set[str]:
         roots = (self.work_dir, self.run_dir, os.path.dirname(self.image))
-        return {d.name for d in list_loop_devices()
-                if d.back_file.startswith(roots)}
+        return {d.name for d in list_loop_devices() if d.back_file.startswith(roots)}
 
     def leftovers(self) -> dict[str, Any]:
         found = {
-            "namespaces": self.namespaces(), "links": self.host_links(),
-            "nft": self.nft_tables(), "vmm": self.vmm_pids(), "loops": self.loops(),
+            "namespaces": self.namespaces(),
+            "links": self.host_links(),
+            "nft": self.nft_tables(),
+            "vmm": self.vmm_pids(),
+            "loops": self.loops(),
             "run_dir": sorted(os.listdir(self.run_dir)),
         }
         return {k: v for k, v in found.items() if v}
 
 
 def ip_json(namespace: str, *args: str) -> list[dict[str, Any]]:
-    out = subprocess.run(["ip", "-n", namespace, "-j", *args], capture_output=True,
-                         text=True, timeout=10, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", namespace, "-j", *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
     return json.loads(out) if out.strip() else []
 
 
 def make_template(path: Path, size_mb: int = 16) -> None:
     with open(path, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(path)], check=True, timeout=60,
-                   capture_output=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", str(path)],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
 
 
 @pytest.fixture
@@ -123,8 +148,16 @@ def real_host(tmp_path: Path, sqlite_url: str) -> Iterator[RealHost]:
     make_template(image)
 
     netns.create(host_ns)
-    host = RealHost(prefix, host_ns, f"wrenn-test-{prefix}", str(work), str(run),
-                    str(kernel), str(image), sqlite_url)
+    host = RealHost(
+        prefix,
+        host_ns,
+        f"wrenn-test-{prefix}",
+        str(work),
+        str(run),
+        str(kernel),
+        str(image),
+        sqlite_url,
+    )
     try:
         yield host
     finally:
@@ -142,10 +175,8 @@ def _clean(host: RealHost) -> None:
             pass
         engine.close()
     for pid in host.vmm_pids():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
     for name in host.namespaces():
         netns.remove(name)
     for loop in host.loops():

@@ -55,32 +55,47 @@ SETUPS = {
 
 def _cases() -> list[tuple[str, str]]:
     pipelines = default_pipelines()
-    return [(command, point) for command in SETUPS
-            for step in pipelines[command].names()
-            for point in (step, f"{step}.done")]
+    return [
+        (command, point)
+        for command in SETUPS
+        for step in pipelines[command].names()
+        for point in (step, f"{step}.done")
+    ]
 
 
 @pytest.mark.parametrize(("command", "failpoint"), _cases())
 def test_real_crash_then_reconcile(real_host: RealHost, command, failpoint):
     setup = real_host.open()
-    setup.create(kernel_path=real_host.kernel, rootfs_path=real_host.image,
-                 sandbox_id="sb-crash", start=False)
+    setup.create(
+        kernel_path=real_host.kernel,
+        rootfs_path=real_host.image,
+        sandbox_id="sb-crash",
+        start=False,
+    )
     for step in SETUPS[command]:
         getattr(setup, step)("sb-crash")
     setup.close()
     real_host.engines.remove(setup)
 
-    fields = {k: getattr(real_host, k) for k in
-              ("prefix", "host_netns", "owner", "work_dir", "run_dir", "url")}
+    fields = {
+        k: getattr(real_host, k)
+        for k in ("prefix", "host_netns", "owner", "work_dir", "run_dir", "url")
+    }
     env = {**os.environ, "WRENN_ENGINE_FAILPOINTS": f"{failpoint}=crash"}
-    crashed = subprocess.run([sys.executable, "-c", CHILD, json.dumps(fields), command],
-                             env=env, capture_output=True, text=True, timeout=120)
+    crashed = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(fields), command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert crashed.returncode == -9, (crashed.stdout, crashed.stderr)
 
     engine = real_host.open()
     sandbox = engine.get("sb-crash")
-    assert sandbox.state in STABLE_STATES and sandbox.transition is None, \
+    assert sandbox.state in STABLE_STATES and sandbox.transition is None, (
         sandbox.to_dict()
+    )
     assert engine.store.verify_projections() == []
 
     held = {(r.kind, r.name) for r in engine.store.held_resources("host-real")}

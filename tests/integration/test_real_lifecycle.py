@@ -53,14 +53,18 @@ def _assert_running(host: RealHost, sandbox) -> None:  # type: ignore[no-untyped
     pid = sandbox.facts["vmm"]["pid"]
     assert host.namespaces() == {network["netns"]}
     assert network["host_veth"] in host.host_links()
-    assert _addresses(host.host_netns, network["host_veth"]) == {network["host_veth_cidr"]}
+    assert _addresses(host.host_netns, network["host_veth"]) == {
+        network["host_veth_cidr"]
+    }
     assert _addresses(network["netns"], "tap0") == {"169.254.0.22/30"}
     assert _addresses(network["netns"], network["ns_veth"]) == {network["ns_veth_cidr"]}
     assert network["nft_table"] in host.nft_tables()
     assert host.vmm_pids() == {pid}
     assert "/dev/net/tun" in _fds(pid) and _tap_attached(pid)
-    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(
-        f"/run/netns/{network['netns']}").st_ino
+    assert (
+        os.stat(f"/proc/{pid}/ns/net").st_ino
+        == os.stat(f"/run/netns/{network['netns']}").st_ino
+    )
     disk = sandbox.facts["rootfs"]["disk_path"]
     assert disk in _fds(pid)
     directory = sandbox.config["sandbox_dir"]
@@ -71,8 +75,9 @@ def _assert_running(host: RealHost, sandbox) -> None:  # type: ignore[no-untyped
 def test_full_lifecycle_on_the_kernel(real_host: RealHost):
     engine = real_host.open()
 
-    sandbox = engine.create(kernel_path=real_host.kernel, rootfs_path=real_host.image,
-                            sandbox_id="sb-real")
+    sandbox = engine.create(
+        kernel_path=real_host.kernel, rootfs_path=real_host.image, sandbox_id="sb-real"
+    )
     assert sandbox.state == "running"
     _assert_running(real_host, sandbox)
     cow = sandbox.facts["rootfs"]["cow_path"]
@@ -86,7 +91,10 @@ def test_full_lifecycle_on_the_kernel(real_host: RealHost):
     assert not os.path.exists(sandbox.config["socket_path"])
     assert os.path.exists(cow)
     assert sorted(os.listdir(paused.facts["snapshot"])) == [
-        "config.json", "memory-ranges", "state.json"]
+        "config.json",
+        "memory-ranges",
+        "state.json",
+    ]
 
     resumed = engine.resume("sb-real")
     assert resumed.state == "running"
@@ -103,8 +111,11 @@ def test_full_lifecycle_on_the_kernel(real_host: RealHost):
     assert real_host.leftovers() == {}
     assert engine.store.verify_projections() == []
 
-    observed = [e.data["event"] for e in engine.history("sb-real")
-                if e.type == "vmm.event_observed"]
+    observed = [
+        e.data["event"]
+        for e in engine.history("sb-real")
+        if e.type == "vmm.event_observed"
+    ]
     assert "booted" in observed and "paused" in observed and "restored" in observed
 
 
@@ -116,8 +127,11 @@ def test_a_failure_at_each_host_step_leaves_nothing(real_host: RealHost, point):
     engine = real_host.open(failpoints={point: "error"})
 
     with pytest.raises(CommandFailed):
-        engine.create(kernel_path=real_host.kernel, rootfs_path=real_host.image,
-                      sandbox_id="sb-fails")
+        engine.create(
+            kernel_path=real_host.kernel,
+            rootfs_path=real_host.image,
+            sandbox_id="sb-fails",
+        )
 
     assert engine.get("sb-fails").state == "pending"
     assert real_host.leftovers() == {}
@@ -132,8 +146,10 @@ def test_a_guest_poweroff_and_a_panic_reach_the_lifecycle(real_host: RealHost):
     os.kill(first.facts["vmm"]["pid"], 10)  # SIGUSR1: the guest powers off
     os.kill(second.facts["vmm"]["pid"], 12)  # SIGUSR2: the guest panics
 
-    assert engine.wait(first.id, "stopped", timeout=15).facts["exit_reason"] == \
-        "guest-shutdown"
+    assert (
+        engine.wait(first.id, "stopped", timeout=15).facts["exit_reason"]
+        == "guest-shutdown"
+    )
     crashed = engine.wait(second.id, "error", timeout=15)
     assert "guest-panic" in crashed.last_error
     assert real_host.namespaces() == set() and real_host.vmm_pids() == set()

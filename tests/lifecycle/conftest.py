@@ -27,8 +27,12 @@ def files(tmp_path: Path) -> dict[str, str]:
     vmm.chmod(vmm.stat().st_mode | stat.S_IXUSR)
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
-    return {"kernel": str(kernel), "image": str(image), "vmm": str(vmm),
-            "run_dir": str(run)}
+    return {
+        "kernel": str(kernel),
+        "image": str(image),
+        "vmm": str(vmm),
+        "run_dir": str(run),
+    }
 
 
 def settings_for(files: dict[str, str], **overrides: object) -> EngineSettings:
@@ -51,13 +55,19 @@ def make_engine(files: dict[str, str], sqlite_url: str) -> Iterator[EngineFactor
     """Open engines over one SQLite file and one fake host; closed afterwards."""
     opened: list[Engine] = []
 
-    def make(host: FakeHost | None = None, url: str | None = None,
-             failpoints: dict[str, str] | None = None, **settings: object) -> Engine:
+    def make(
+        host: FakeHost | None = None,
+        url: str | None = None,
+        failpoints: dict[str, str] | None = None,
+        **settings: object,
+    ) -> Engine:
         host = host if host is not None else FakeHost()
         engine = Engine.open(
-            url or sqlite_url, drivers=host.drivers(),
+            url or sqlite_url,
+            drivers=host.drivers(),
             settings=settings_for(files, **settings),
-            failpoints=Failpoints(failpoints or {}), auto_upgrade=True,
+            failpoints=Failpoints(failpoints or {}),
+            auto_upgrade=True,
         )
         engine.fake_host = host  # type: ignore[attr-defined]
         opened.append(engine)
@@ -74,8 +84,9 @@ def engine(make_engine: EngineFactory) -> Engine:
 
 
 def create(engine: Engine, files: dict[str, str], **kwargs: object):  # type: ignore[no-untyped-def]
-    return engine.create(kernel_path=files["kernel"], rootfs_path=files["image"],
-                         **kwargs)  # type: ignore[arg-type]
+    return engine.create(
+        kernel_path=files["kernel"], rootfs_path=files["image"], **kwargs
+    )  # type: ignore[arg-type]
 
 
 def types(engine: Engine, sandbox_id: str) -> list[str]:

@@ -64,30 +64,56 @@ def _cases() -> list[tuple[str, str]]:
     return cases
 
 
-def _child(url: str, host_file: str, files: dict[str, str], setup: str,
-           command: str, failpoint: str | None) -> subprocess.CompletedProcess[str]:
+def _child(
+    url: str,
+    host_file: str,
+    files: dict[str, str],
+    setup: str,
+    command: str,
+    failpoint: str | None,
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("WRENN_ENGINE_FAILPOINTS", None)
     if failpoint:
         env["WRENN_ENGINE_FAILPOINTS"] = f"{failpoint}=crash"
     return subprocess.run(
-        [sys.executable, "-c", CHILD, url, host_file, json.dumps(files), setup,
-         command], env=env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            url,
+            host_file,
+            json.dumps(files),
+            setup,
+            command,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("command", "failpoint"), _cases())
-def test_crash_then_reconcile_leaves_host_and_log_agreeing(tmp_path, files,
-                                                           sqlite_url, command,
-                                                           failpoint):
+def test_crash_then_reconcile_leaves_host_and_log_agreeing(
+    tmp_path, files, sqlite_url, command, failpoint
+):
     host_file = str(tmp_path / "host.json")
-    setup = Engine.open(sqlite_url, drivers=FakeHost(path=host_file).drivers(),
-                        settings=settings_for(files), failpoints=Failpoints({}),
-                        auto_upgrade=True)
+    setup = Engine.open(
+        sqlite_url,
+        drivers=FakeHost(path=host_file).drivers(),
+        settings=settings_for(files),
+        failpoints=Failpoints({}),
+        auto_upgrade=True,
+    )
     try:
-        setup.create(kernel_path=files["kernel"], rootfs_path=files["image"],
-                     sandbox_id="sb-crash", start=False)
+        setup.create(
+            kernel_path=files["kernel"],
+            rootfs_path=files["image"],
+            sandbox_id="sb-crash",
+            start=False,
+        )
         for step in SETUPS[command]:
             getattr(setup, step)("sb-crash")
     finally:
@@ -98,9 +124,13 @@ def test_crash_then_reconcile_leaves_host_and_log_agreeing(tmp_path, files,
     assert crashed.returncode == -9, (crashed.stdout, crashed.stderr)
 
     host = FakeHost(path=host_file)
-    engine = Engine.open(sqlite_url, drivers=host.drivers(),
-                         settings=settings_for(files), failpoints=Failpoints({}),
-                         auto_upgrade=True)
+    engine = Engine.open(
+        sqlite_url,
+        drivers=host.drivers(),
+        settings=settings_for(files),
+        failpoints=Failpoints({}),
+        auto_upgrade=True,
+    )
     try:
         sandbox = engine.get("sb-crash")
         assert sandbox.state in STABLE_STATES, sandbox.to_dict()

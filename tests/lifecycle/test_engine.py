@@ -27,8 +27,14 @@ from wrenn_engine.errors import (
 )
 from wrenn_engine.lifecycle.steps import Step
 
-START_STEPS = ["sandbox.dir", "rootfs.prepare", "network.prepare", "vmm.launch",
-               "vm.create", "vm.boot"]
+START_STEPS = [
+    "sandbox.dir",
+    "rootfs.prepare",
+    "network.prepare",
+    "vmm.launch",
+    "vm.create",
+    "vm.boot",
+]
 
 
 def test_create_starts_the_sandbox_and_records_every_step(engine: Engine, files):
@@ -36,10 +42,14 @@ def test_create_starts_the_sandbox_and_records_every_step(engine: Engine, files)
 
     assert sandbox.state == "running"
     assert sandbox.config["vcpus"] == 2
-    assert sandbox.config["socket_path"] == os.path.join(files["run_dir"], "sb-one.sock")
+    assert sandbox.config["socket_path"] == os.path.join(
+        files["run_dir"], "sb-one.sock"
+    )
     history = engine.history("sb-one")
     assert [e.type for e in history[:4]] == [
-        "sandbox.created", "config.defaults_applied", "config.validated",
+        "sandbox.created",
+        "config.defaults_applied",
+        "config.validated",
         "transition.started",
     ]
     completed = [e.data["step"] for e in history if e.type == "step.completed"]
@@ -55,7 +65,9 @@ def test_create_starts_the_sandbox_and_records_every_step(engine: Engine, files)
 
     slot = sandbox.facts["network"]["slot"]
     assert host_objects(engine) == {
-        f"netns:wrenn-sb-one", f"veth:wr{slot}h", f"nft_table:wrenn_{slot}",
+        "netns:wrenn-sb-one",
+        f"veth:wr{slot}h",
+        f"nft_table:wrenn_{slot}",
         f"cow:{files['run_dir']}/sb-one/rootfs.qcow2",
         f"vmm:{sandbox.facts['vmm']['pid']}",
     }
@@ -70,18 +82,21 @@ def test_create_without_start_stays_pending(engine: Engine, files):
     assert engine.start(sandbox.id).state == "running"
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"sandbox_id": "../escape"}, "sandbox_id"),
-    ({"sandbox_id": "UPPER"}, "sandbox_id"),
-    ({"sandbox_id": "x" * 64}, "sandbox_id"),
-    ({"vcpus": 65}, "vcpus"),
-    ({"vcpus": -1}, "vcpus"),
-    ({"memory_mb": 16}, "memory_mb"),
-    ({"kernel_path": "relative/vmlinux"}, "kernel_path"),
-    ({"kernel_path": "/no/such/kernel"}, "kernel_path"),
-    ({"rootfs_path": "/no/such/image"}, "rootfs_path"),
-    ({"inactivity_timeout_s": 0}, "inactivity_timeout_s"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"sandbox_id": "../escape"}, "sandbox_id"),
+        ({"sandbox_id": "UPPER"}, "sandbox_id"),
+        ({"sandbox_id": "x" * 64}, "sandbox_id"),
+        ({"vcpus": 65}, "vcpus"),
+        ({"vcpus": -1}, "vcpus"),
+        ({"memory_mb": 16}, "memory_mb"),
+        ({"kernel_path": "relative/vmlinux"}, "kernel_path"),
+        ({"kernel_path": "/no/such/kernel"}, "kernel_path"),
+        ({"rootfs_path": "/no/such/image"}, "rootfs_path"),
+        ({"inactivity_timeout_s": 0}, "inactivity_timeout_s"),
+    ],
+)
 def test_bad_input_is_refused_and_leaves_nothing(engine: Engine, files, kwargs, field):
     args = {"kernel_path": files["kernel"], "rootfs_path": files["image"], **kwargs}
 
@@ -104,7 +119,10 @@ def test_the_whole_lifecycle_leaves_nothing(engine: Engine, files):
     assert paused.state == "paused"
     assert os.path.isdir(paused.facts["snapshot"])
     assert sorted(os.listdir(paused.facts["snapshot"])) == [
-        "config.json", "memory-ranges", "state.json"]
+        "config.json",
+        "memory-ranges",
+        "state.json",
+    ]
     assert host_objects(engine) == {cow}  # the disk is kept, all else released
     assert "network" not in paused.facts and "vmm" not in paused.facts
 
@@ -127,8 +145,9 @@ def test_the_whole_lifecycle_leaves_nothing(engine: Engine, files):
 
 
 @pytest.mark.parametrize("point", [p for s in START_STEPS for p in (s, f"{s}.done")])
-def test_a_failing_start_step_rolls_back_to_pending(make_engine: EngineFactory, files,
-                                                    point):
+def test_a_failing_start_step_rolls_back_to_pending(
+    make_engine: EngineFactory, files, point
+):
     engine = make_engine(failpoints={point: "error"})
 
     with pytest.raises(CommandFailed) as raised:
@@ -143,8 +162,10 @@ def test_a_failing_start_step_rolls_back_to_pending(make_engine: EngineFactory, 
     assert sandbox.resources == {}
     assert host_objects(engine) == set()
     assert not sandbox_dir_exists(engine, "sb-fail")
-    undone = [e.data["step"] for e in engine.history("sb-fail") if e.type == "step.undone"]
-    done_before = START_STEPS[:START_STEPS.index(step) + 1]
+    undone = [
+        e.data["step"] for e in engine.history("sb-fail") if e.type == "step.undone"
+    ]
+    done_before = START_STEPS[: START_STEPS.index(step) + 1]
     assert undone == list(reversed(done_before))  # the failed step's too
     assert engine.store.verify_projections() == []
 
@@ -187,8 +208,9 @@ def test_a_failure_after_an_irreversible_step_lands_in_error(engine: Engine, fil
 
 
 @pytest.mark.parametrize("setup", ["pending", "running", "paused", "stopped", "error"])
-def test_destroy_works_from_every_state_and_twice_adds_nothing(engine: Engine, files,
-                                                               setup):
+def test_destroy_works_from_every_state_and_twice_adds_nothing(
+    engine: Engine, files, setup
+):
     sid = create(engine, files, start=setup != "pending").id
     if setup == "paused":
         engine.pause(sid)
@@ -251,8 +273,9 @@ def test_two_commands_on_one_sandbox_exactly_one_acts(engine: Engine, files):
 def test_a_waiting_command_runs_after_the_first(engine: Engine, files):
     sid = create(engine, files).id
     with engine.hold(sid, "test", wait=False):
-        waiter = threading.Thread(target=engine.stop, args=(sid,),
-                                  kwargs={"wait": True})
+        waiter = threading.Thread(
+            target=engine.stop, args=(sid,), kwargs={"wait": True}
+        )
         waiter.start()
         waiter.join(0.2)
         assert waiter.is_alive()  # blocked on the sandbox, not refused
@@ -305,9 +328,15 @@ def test_pipelines_can_be_listed_and_edited(engine: Engine, files):
     start = engine.pipelines["start"]
     assert start.names() == START_STEPS
     seen: list[str] = []
-    start.insert_after("vm.boot", Step("agent.wait",
-                                       run=lambda ctx, intent: seen.append(ctx.sandbox.id)
-                                       or {"facts": {"agent": "ready"}}))
+    start.insert_after(
+        "vm.boot",
+        Step(
+            "agent.wait",
+            run=lambda ctx, intent: (
+                seen.append(ctx.sandbox.id) or {"facts": {"agent": "ready"}}
+            ),
+        ),
+    )
     assert start.names()[-1] == "agent.wait"
     assert start.get("agent.wait").phase == "starting"
 
@@ -329,8 +358,11 @@ def test_replay_shows_the_state_at_any_version(engine: Engine, files):
     sid = create(engine, files).id
     engine.pause(sid)
     history = engine.history(sid)
-    paused_at = next(e.version for e in history
-                     if e.type == "transition.completed" and e.data["to_state"] == "paused")
+    paused_at = next(
+        e.version
+        for e in history
+        if e.type == "transition.completed" and e.data["to_state"] == "paused"
+    )
 
     assert engine.replay(sid, to_version=1).state == "pending"
     assert engine.replay(sid, to_version=paused_at).state == "paused"
@@ -358,13 +390,17 @@ def test_a_guest_poweroff_stops_the_sandbox(make_engine: EngineFactory, files):
     sandbox = create(engine, files)
     monitor = sandbox.facts["event_monitor"]
     with open(monitor, "a") as f:  # the VMM writes pretty JSON, a blank line after
-        f.write('{\n  "timestamp": {"secs": 3, "nanos": 5},\n  "source": "vm",\n'
-                '  "event": "shutdown",\n  "properties": null\n}\n\n')
+        f.write(
+            '{\n  "timestamp": {"secs": 3, "nanos": 5},\n  "source": "vm",\n'
+            '  "event": "shutdown",\n  "properties": null\n}\n\n'
+        )
 
     stopped = engine.wait(sandbox.id, "stopped", timeout=10)
     assert stopped.facts["exit_reason"] == "guest-shutdown"
     observed = [e for e in engine.history(sandbox.id) if e.type == "vmm.event_observed"]
-    assert [(e.data["source"], e.data["event"]) for e in observed] == [("vm", "shutdown")]
+    assert [(e.data["source"], e.data["event"]) for e in observed] == [
+        ("vm", "shutdown")
+    ]
     assert observed[0].data["vmm_time_s"] == pytest.approx(3.000000005)
 
 
@@ -374,8 +410,11 @@ def test_an_idle_sandbox_is_paused_by_the_system(make_engine: EngineFactory, fil
 
     engine.wait(sandbox.id, "paused", timeout=10)
 
-    pause = [e for e in engine.history(sandbox.id)
-             if e.type == "transition.started" and e.data["transition"] == "pause"]
+    pause = [
+        e
+        for e in engine.history(sandbox.id)
+        if e.type == "transition.started" and e.data["transition"] == "pause"
+    ]
     assert pause[0].metadata.actor == "system"
 
 

@@ -21,8 +21,9 @@ def test_the_lifecycle_on_postgresql(make_engine: EngineFactory, files, pg_url):
     assert engine.store.verify_projections() == []
 
 
-def test_an_engine_never_drives_another_hosts_sandbox(make_engine: EngineFactory,
-                                                      files, db_url):
+def test_an_engine_never_drives_another_hosts_sandbox(
+    make_engine: EngineFactory, files, db_url
+):
     a = make_engine(url=db_url)
     b = make_engine(url=db_url, host_id="host-b")
     sid = create(a, files).id
@@ -37,8 +38,9 @@ def test_an_engine_never_drives_another_hosts_sandbox(make_engine: EngineFactory
     assert b.list(host_id="host-a")[0].id == sid
 
 
-def test_two_engines_on_one_host_never_both_act(make_engine: EngineFactory, files,
-                                                 pg_url):
+def test_two_engines_on_one_host_never_both_act(
+    make_engine: EngineFactory, files, pg_url
+):
     host = FakeHost()
     a = make_engine(url=pg_url, host=host)
     b = make_engine(url=pg_url, host=host)
@@ -61,6 +63,9 @@ def test_two_engines_on_one_host_never_both_act(make_engine: EngineFactory, file
         t.join(30)
 
     assert sorted(outcomes) in (["busy", "paused"], ["InvalidTransition", "paused"])
-    pauses = [e for e in a.history(sid)
-              if e.type == "transition.started" and e.data["transition"] == "pause"]
+    pauses = [
+        e
+        for e in a.history(sid)
+        if e.type == "transition.started" and e.data["transition"] == "pause"
+    ]
     assert len(pauses) == 1

@@ -58,8 +58,10 @@ class Follower(threading.Thread):
             while True:
                 finishing = self.done.is_set()
                 after = self.seen[-1] if self.seen else 0
-                self.seen += [e.position for e in self.store.read_all(
-                    after_position=after, batch_size=7)]
+                self.seen += [
+                    e.position
+                    for e in self.store.read_all(after_position=after, batch_size=7)
+                ]
                 if finishing:
                     return
                 self.store.wait_for_events(self.seen[-1] if self.seen else 0, 0.05)
@@ -83,12 +85,16 @@ def test_threads_append_to_one_stream_and_to_their_own(
         try:
             barrier.wait()
             own = f"own-{writer}"
-            store.append(own, [created()], expected_version=0,
-                         metadata=Metadata(actor=writer))
+            store.append(
+                own, [created()], expected_version=0, metadata=Metadata(actor=writer)
+            )
             for seq in range(count):
-                store.append(own, [ActivityRecorded(f"{writer}:{seq}").to_new()],
-                             expected_version=seq + 1,
-                             metadata=Metadata(actor=writer))
+                store.append(
+                    own,
+                    [ActivityRecorded(f"{writer}:{seq}").to_new()],
+                    expected_version=seq + 1,
+                    metadata=Metadata(actor=writer),
+                )
                 conflicts.append(
                     append_with_retry(store, "shared", f"{writer}:{seq}", writer)
                 )
@@ -114,7 +120,8 @@ def test_threads_append_to_one_stream_and_to_their_own(
 
 
 def test_two_processes_append_to_one_stream_and_to_their_own(
-    store: SqlEventStore, tmp_path: Path,
+    store: SqlEventStore,
+    tmp_path: Path,
 ) -> None:
     writers = ["p1", "p2"]
     count = 25
@@ -125,9 +132,19 @@ def test_two_processes_append_to_one_stream_and_to_their_own(
 
     procs = [
         subprocess.Popen(
-            [sys.executable, str(APPENDER), store.url, w, "shared", f"own-{w}",
-             str(count), str(go)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                str(APPENDER),
+                store.url,
+                w,
+                "shared",
+                f"own-{w}",
+                str(count),
+                str(go),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for w in writers
     ]

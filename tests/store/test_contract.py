@@ -39,11 +39,18 @@ from wrenn_engine.store.schema import network_slots, resources, sandboxes
 
 
 def test_append_then_read_stream_round_trips_everything(store: SqlEventStore) -> None:
-    md = Metadata(actor="alice", correlation_id="req-1", causation_id="cause-1",
-                  host_id="h1")
+    md = Metadata(
+        actor="alice", correlation_id="req-1", causation_id="cause-1", host_id="h1"
+    )
     first = store.append("sb1", [created()], expected_version=0, metadata=md)
-    second = store.append("sb1", [started(), completed()], expected_version=1,
-                          metadata=md, command_id="cmd-1", command="start")
+    second = store.append(
+        "sb1",
+        [started(), completed()],
+        expected_version=1,
+        metadata=md,
+        command_id="cmd-1",
+        command="start",
+    )
 
     assert (first.stream_id, first.version, first.replayed) == ("sb1", 1, False)
     assert first.first_position == first.last_position
@@ -54,14 +61,19 @@ def test_append_then_read_stream_round_trips_everything(store: SqlEventStore) ->
     events = store.read_stream("sb1")
     assert [e.version for e in events] == [1, 2, 3]
     assert [e.type for e in events] == [
-        "sandbox.created", "transition.started", "transition.completed",
+        "sandbox.created",
+        "transition.started",
+        "transition.completed",
     ]
     assert [e.position for e in events] == sorted(e.position for e in events)
     assert events[0].data == created().data
     assert events[0].metadata == md
     assert events[1].metadata == Metadata(
-        actor="alice", correlation_id="req-1", causation_id="cause-1",
-        command_id="cmd-1", host_id="h1",
+        actor="alice",
+        correlation_id="req-1",
+        causation_id="cause-1",
+        command_id="cmd-1",
+        host_id="h1",
     )
     for event in events:
         assert event.recorded_at.tzinfo is UTC
@@ -76,7 +88,9 @@ def test_expected_version_mismatch_is_a_typed_error(store: SqlEventStore) -> Non
     with pytest.raises(ConcurrencyError) as caught:
         store.append("sb1", [created()], expected_version=0, metadata=meta())
     assert (caught.value.stream_id, caught.value.expected, caught.value.actual) == (
-        "sb1", 0, 1,
+        "sb1",
+        0,
+        1,
     )
 
     with pytest.raises(ConcurrencyError) as ahead:
@@ -95,11 +109,14 @@ def test_a_failing_batch_leaves_nothing_behind(store: SqlEventStore) -> None:
         store.append(
             "sb2",
             [started(), step_started("network.prepare", ("slot", "3"))],
-            expected_version=1, metadata=meta(),
+            expected_version=1,
+            metadata=meta(),
         )
 
     assert (caught.value.host_id, caught.value.slot, caught.value.holder) == (
-        "h1", 3, "sb1",
+        "h1",
+        3,
+        "sb1",
     )
     assert store.last_position() == before
     assert [e.version for e in store.read_stream("sb2")] == [1]
@@ -114,8 +131,12 @@ def test_unknown_event_type_is_refused_before_writing(store: SqlEventStore) -> N
     new_sandbox(store, "sb1")
 
     with pytest.raises(UnknownEventError) as caught:
-        store.append("sb1", [started(), NewEvent("no.such.event", {})],
-                     expected_version=1, metadata=meta())
+        store.append(
+            "sb1",
+            [started(), NewEvent("no.such.event", {})],
+            expected_version=1,
+            metadata=meta(),
+        )
 
     assert (caught.value.stream_id, caught.value.version) == ("sb1", 3)
     assert len(store.read_stream("sb1")) == 1
@@ -133,23 +154,41 @@ def test_a_repeated_command_id_returns_the_earlier_result(
     store: SqlEventStore,
 ) -> None:
     new_sandbox(store, "sb1")
-    first = store.append("sb1", [started(), completed()], expected_version=1,
-                         metadata=meta(), command_id="c-1", command="start")
+    first = store.append(
+        "sb1",
+        [started(), completed()],
+        expected_version=1,
+        metadata=meta(),
+        command_id="c-1",
+        command="start",
+    )
     last = store.last_position()
 
-    again = store.append("sb1", [started(), completed()], expected_version=1,
-                         metadata=meta(), command_id="c-1", command="start")
+    again = store.append(
+        "sb1",
+        [started(), completed()],
+        expected_version=1,
+        metadata=meta(),
+        command_id="c-1",
+        command="start",
+    )
 
     assert again.replayed is True
-    assert (again.stream_id, again.version, again.first_position,
-            again.last_position) == (first.stream_id, first.version,
-                                     first.first_position, first.last_position)
+    assert (
+        again.stream_id,
+        again.version,
+        again.first_position,
+        again.last_position,
+    ) == (first.stream_id, first.version, first.first_position, first.last_position)
     assert store.last_position() == last
     record = store.command("c-1")
     assert record is not None
-    assert (record.stream_id, record.command, record.first_position,
-            record.last_position) == ("sb1", "start", first.first_position,
-                                      first.last_position)
+    assert (
+        record.stream_id,
+        record.command,
+        record.first_position,
+        record.last_position,
+    ) == ("sb1", "start", first.first_position, first.last_position)
     assert record.recorded_at.tzinfo is UTC
     assert store.command("c-unknown") is None
 
@@ -157,15 +196,33 @@ def test_a_repeated_command_id_returns_the_earlier_result(
 def test_a_command_id_reused_elsewhere_is_an_error(store: SqlEventStore) -> None:
     new_sandbox(store, "sb1")
     new_sandbox(store, "sb2")
-    store.append("sb1", [started()], expected_version=1, metadata=meta(),
-                 command_id="c-1", command="start")
+    store.append(
+        "sb1",
+        [started()],
+        expected_version=1,
+        metadata=meta(),
+        command_id="c-1",
+        command="start",
+    )
 
     with pytest.raises(IdempotencyError) as other_stream:
-        store.append("sb2", [started()], expected_version=1, metadata=meta(),
-                     command_id="c-1", command="start")
+        store.append(
+            "sb2",
+            [started()],
+            expected_version=1,
+            metadata=meta(),
+            command_id="c-1",
+            command="start",
+        )
     with pytest.raises(IdempotencyError) as other_command:
-        store.append("sb1", [started("stop")], expected_version=2, metadata=meta(),
-                     command_id="c-1", command="stop")
+        store.append(
+            "sb1",
+            [started("stop")],
+            expected_version=2,
+            metadata=meta(),
+            command_id="c-1",
+            command="stop",
+        )
 
     assert other_stream.value.command_id == "c-1"
     assert "sb1" in other_stream.value.recorded
@@ -175,8 +232,9 @@ def test_a_command_id_reused_elsewhere_is_an_error(store: SqlEventStore) -> None
     assert [e.version for e in store.read_stream("sb1")] == [1, 2]
 
 
-def _race(store: SqlEventStore, version: int,
-          command_id: str) -> tuple[list[AppendResult], list[BaseException]]:
+def _race(
+    store: SqlEventStore, version: int, command_id: str
+) -> tuple[list[AppendResult], list[BaseException]]:
     """Two threads append the same command at the same moment."""
     barrier = threading.Barrier(2)
     results: list[AppendResult] = []
@@ -185,10 +243,16 @@ def _race(store: SqlEventStore, version: int,
     def run() -> None:
         barrier.wait()
         try:
-            results.append(store.append(
-                "sb1", [started()], expected_version=version, metadata=meta(),
-                command_id=command_id, command="start",
-            ))
+            results.append(
+                store.append(
+                    "sb1",
+                    [started()],
+                    expected_version=version,
+                    metadata=meta(),
+                    command_id=command_id,
+                    command="start",
+                )
+            )
         except BaseException as exc:
             errors.append(exc)
 
@@ -219,12 +283,16 @@ def test_two_threads_racing_with_one_command_id_append_once(
 
 
 def test_projection_matches_a_fold_of_the_stream(
-    store: SqlEventStore, raw: sa.Engine,
+    store: SqlEventStore,
+    raw: sa.Engine,
 ) -> None:
     take_slot(store, "sb1", 5)
-    store.append("sb1", [started("stop", "running", "stopping"),
-                         completed("stop", "stopped")],
-                 expected_version=5, metadata=meta())
+    store.append(
+        "sb1",
+        [started("stop", "running", "stopping"), completed("stop", "stopped")],
+        expected_version=5,
+        metadata=meta(),
+    )
 
     projected = store.get_sandbox("sb1")
     folded = fold(store.read_stream("sb1"))
@@ -235,14 +303,23 @@ def test_projection_matches_a_fold_of_the_stream(
     assert store.get_sandbox("nobody") is None
 
     with raw.connect() as conn:
-        row = conn.execute(
-            sa.select(sandboxes).where(sandboxes.c.id == "sb1")
-        ).mappings().one()
+        row = (
+            conn.execute(sa.select(sandboxes).where(sandboxes.c.id == "sb1"))
+            .mappings()
+            .one()
+        )
     assert (row["state"], row["version"], row["host_id"], row["last_error"]) == (
-        "stopped", 7, "h1", None,
+        "stopped",
+        7,
+        "h1",
+        None,
     )
-    assert row["config_summary"] == {"template_id": "base", "vcpus": 2,
-                                     "memory_mb": 512, "guest_ip": None}
+    assert row["config_summary"] == {
+        "template_id": "base",
+        "vcpus": 2,
+        "memory_mb": 512,
+        "guest_ip": None,
+    }
     assert row["created_at"] == folded.created_at
     assert row["updated_at"] == folded.updated_at
 
@@ -256,11 +333,11 @@ def test_list_sandboxes_filters_and_orders_oldest_first(
 
     assert [s.id for s in store.list_sandboxes()] == ["sb-b", "sb-a", "sb-c"]
     assert [s.id for s in store.list_sandboxes(states=["pending"])] == [
-        "sb-b", "sb-a",
+        "sb-b",
+        "sb-a",
     ]
     assert [s.id for s in store.list_sandboxes(host_id="h1")] == ["sb-b", "sb-c"]
-    assert [s.id for s in store.list_sandboxes(states=["running"],
-                                               host_id="h2")] == []
+    assert [s.id for s in store.list_sandboxes(states=["running"], host_id="h2")] == []
 
 
 def test_slots_are_unique_per_host_and_freed_by_the_fold(
@@ -271,21 +348,27 @@ def test_slots_are_unique_per_host_and_freed_by_the_fold(
     new_sandbox(store, "sb3")
 
     with pytest.raises(SlotTaken):
-        store.append("sb3", [started(), step_started("network.prepare",
-                                                      ("slot", "3"))],
-                     expected_version=1, metadata=meta())
+        store.append(
+            "sb3",
+            [started(), step_started("network.prepare", ("slot", "3"))],
+            expected_version=1,
+            metadata=meta(),
+        )
 
     # sb1 is destroyed: its teardown releases the slot and the namespace.
     store.append(
         "sb1",
         [
             started("destroy", "running", "destroying"),
-            step_completed("network.teardown", released=(("slot", "3"),
-                                                         ("netns", "ns-sb1")),
-                           transition="destroy"),
+            step_completed(
+                "network.teardown",
+                released=(("slot", "3"), ("netns", "ns-sb1")),
+                transition="destroy",
+            ),
             completed("destroy", "destroyed"),
         ],
-        expected_version=5, metadata=meta(),
+        expected_version=5,
+        metadata=meta(),
     )
     assert store.network_slots("h1") == {}
     assert store.network_slots("h2") == {3: "sb2"}
@@ -294,27 +377,46 @@ def test_slots_are_unique_per_host_and_freed_by_the_fold(
     assert [s.id for s in store.list_sandboxes(states=["destroyed"])] == ["sb1"]
     assert [r.sandbox_id for r in store.held_resources("h1")] == []
 
-    store.append("sb3", [started(), step_started("network.prepare", ("slot", "3"))],
-                 expected_version=1, metadata=meta())
+    store.append(
+        "sb3",
+        [started(), step_started("network.prepare", ("slot", "3"))],
+        expected_version=1,
+        metadata=meta(),
+    )
     assert store.network_slots("h1") == {3: "sb3"}
     assert store.verify_projections() == []
 
 
 def test_resources_follow_intent_result_and_undo(store: SqlEventStore) -> None:
     new_sandbox(store, "sb1")
-    store.append("sb1", [started(),
-                         step_started("rootfs.prepare", ("cow", "/d/sb1.cow"),
-                                      ("loop", "/dev/loop7"))],
-                 expected_version=1, metadata=meta())
+    store.append(
+        "sb1",
+        [
+            started(),
+            step_started(
+                "rootfs.prepare", ("cow", "/d/sb1.cow"), ("loop", "/dev/loop7")
+            ),
+        ],
+        expected_version=1,
+        metadata=meta(),
+    )
 
     held = {(r.kind, r.name): r.status for r in store.held_resources()}
-    assert held == {("cow", "/d/sb1.cow"): "intended",
-                    ("loop", "/dev/loop7"): "intended"}
+    assert held == {
+        ("cow", "/d/sb1.cow"): "intended",
+        ("loop", "/dev/loop7"): "intended",
+    }
 
     # The step created only the CoW file; the loop device was never made.
-    store.append("sb1", [step_completed("rootfs.prepare", ("cow", "/d/sb1.cow")),
-                         step_started("network.prepare", ("slot", "2"))],
-                 expected_version=3, metadata=meta())
+    store.append(
+        "sb1",
+        [
+            step_completed("rootfs.prepare", ("cow", "/d/sb1.cow")),
+            step_started("network.prepare", ("slot", "2")),
+        ],
+        expected_version=3,
+        metadata=meta(),
+    )
     held_now = store.held_resources("h1")
     assert [(r.sandbox_id, r.host_id, r.kind, r.name, r.status) for r in held_now] == [
         ("sb1", "h1", "cow", "/d/sb1.cow", "created"),
@@ -322,16 +424,20 @@ def test_resources_follow_intent_result_and_undo(store: SqlEventStore) -> None:
     ]
     assert store.held_resources("h2") == []
 
-    store.append("sb1", [step_undone("network.prepare"),
-                         step_undone("rootfs.prepare")],
-                 expected_version=5, metadata=meta())
+    store.append(
+        "sb1",
+        [step_undone("network.prepare"), step_undone("rootfs.prepare")],
+        expected_version=5,
+        metadata=meta(),
+    )
     assert store.held_resources() == []
     assert store.network_slots("h1") == {}
     assert store.verify_projections() == []
 
 
 def test_rebuild_and_verify_find_and_repair_tampering(
-    store: SqlEventStore, raw: sa.Engine,
+    store: SqlEventStore,
+    raw: sa.Engine,
 ) -> None:
     take_slot(store, "sb1", 3)
     take_slot(store, "sb2", 4)
@@ -339,21 +445,32 @@ def test_rebuild_and_verify_find_and_repair_tampering(
     assert store.verify_projections() == []
 
     with raw.begin() as conn:
-        conn.execute(sa.update(sandboxes).where(sandboxes.c.id == "sb1")
-                     .values(state="paused"))
+        conn.execute(
+            sa.update(sandboxes).where(sandboxes.c.id == "sb1").values(state="paused")
+        )
         conn.execute(sa.delete(network_slots).where(network_slots.c.slot == 4))
-        conn.execute(sa.insert(resources).values(
-            sandbox_id="sb3", kind="dir", name="/stale", host_id="h1",
-            status="created",
-        ))
+        conn.execute(
+            sa.insert(resources).values(
+                sandbox_id="sb3",
+                kind="dir",
+                name="/stale",
+                host_id="h1",
+                status="created",
+            )
+        )
 
     found = {(d.table, d.key): d for d in store.verify_projections()}
-    assert set(found) == {("sandboxes", "sb1"), ("network_slots", "h1/4"),
-                          ("resources", "sb3/dir:/stale")}
+    assert set(found) == {
+        ("sandboxes", "sb1"),
+        ("network_slots", "h1/4"),
+        ("resources", "sb3/dir:/stale"),
+    }
     assert found[("sandboxes", "sb1")].stored == {"state": "paused"}
     assert found[("sandboxes", "sb1")].rebuilt == {"state": "running"}
-    assert (found[("network_slots", "h1/4")].stored,
-            found[("network_slots", "h1/4")].rebuilt) == (None, "sb2")
+    assert (
+        found[("network_slots", "h1/4")].stored,
+        found[("network_slots", "h1/4")].rebuilt,
+    ) == (None, "sb2")
     assert found[("resources", "sb3/dir:/stale")].rebuilt is None
     assert "paused" in str(found[("sandboxes", "sb1")])
     # verify wrote nothing
@@ -368,7 +485,8 @@ def test_rebuild_and_verify_find_and_repair_tampering(
 
 
 def test_append_refolds_a_stream_whose_projection_lags(
-    store: SqlEventStore, raw: sa.Engine,
+    store: SqlEventStore,
+    raw: sa.Engine,
 ) -> None:
     take_slot(store, "sb1", 3)
     with raw.begin() as conn:
@@ -376,8 +494,12 @@ def test_append_refolds_a_stream_whose_projection_lags(
         conn.execute(sa.delete(network_slots))
         conn.execute(sa.delete(sandboxes))
 
-    store.append("sb1", [started("stop", "running", "stopping")],
-                 expected_version=5, metadata=meta())
+    store.append(
+        "sb1",
+        [started("stop", "running", "stopping")],
+        expected_version=5,
+        metadata=meta(),
+    )
 
     projected = store.get_sandbox("sb1")
     assert projected == fold(store.read_stream("sb1"))
@@ -412,8 +534,12 @@ def test_read_stream_up_to_a_version_or_a_time(store: SqlEventStore) -> None:
 
 def test_read_all_in_batches_from_a_position(store: SqlEventStore) -> None:
     for i in range(7):
-        store.append(f"sb{i}", [created(), started(), completed()],
-                     expected_version=0, metadata=meta())
+        store.append(
+            f"sb{i}",
+            [created(), started(), completed()],
+            expected_version=0,
+            metadata=meta(),
+        )
     everything = list(store.read_all())
     positions = [e.position for e in everything]
 
@@ -429,22 +555,34 @@ def test_read_all_in_batches_from_a_position(store: SqlEventStore) -> None:
 
 
 def _audit_history(store: SqlEventStore) -> None:
-    store.append("sb-a", [created("h1")], expected_version=0,
-                 metadata=meta("alice", "h1"))
-    store.append("sb-b", [created("h2")], expected_version=0,
-                 metadata=meta("bob", "h2"))
-    store.append("sb-a", [started(), completed()], expected_version=1,
-                 metadata=meta("bob", "h1"))
-    store.append("sb-c", [created("h1"), started()], expected_version=0,
-                 metadata=meta("carol", "h1"))
-    store.append("sb-b", [started(), completed()], expected_version=1,
-                 metadata=meta("alice", "h2"))
+    store.append(
+        "sb-a", [created("h1")], expected_version=0, metadata=meta("alice", "h1")
+    )
+    store.append(
+        "sb-b", [created("h2")], expected_version=0, metadata=meta("bob", "h2")
+    )
+    store.append(
+        "sb-a", [started(), completed()], expected_version=1, metadata=meta("bob", "h1")
+    )
+    store.append(
+        "sb-c",
+        [created("h1"), started()],
+        expected_version=0,
+        metadata=meta("carol", "h1"),
+    )
+    store.append(
+        "sb-b",
+        [started(), completed()],
+        expected_version=1,
+        metadata=meta("alice", "h2"),
+    )
 
 
 def _matches(store: SqlEventStore, q: EventQuery) -> list[int]:
     """Positions the query must return, computed from the whole log."""
     out = [
-        e.position for e in store.read_all()
+        e.position
+        for e in store.read_all()
         if e.position > q.after_position
         and (not q.sandbox_ids or e.stream_id in q.sandbox_ids)
         and (not q.types or e.type in q.types)
@@ -467,12 +605,12 @@ def test_query_filters_combine(store: SqlEventStore) -> None:
         EventQuery(sandbox_ids=["sb-a", "sb-c"], types=["transition.started"]),
         EventQuery(actors=["alice"]),
         EventQuery(actors=["bob"], host_ids=["h1"]),
-        EventQuery(host_ids=["h2"], types=["sandbox.created",
-                                           "transition.completed"]),
+        EventQuery(host_ids=["h2"], types=["sandbox.created", "transition.completed"]),
         EventQuery(since=middle),
         EventQuery(until=middle),
-        EventQuery(since=log[1].recorded_at, until=log[5].recorded_at,
-                   actors=["alice", "bob"]),
+        EventQuery(
+            since=log[1].recorded_at, until=log[5].recorded_at, actors=["alice", "bob"]
+        ),
         EventQuery(limit=3),
         EventQuery(after_position=log[4].position, limit=2),
         EventQuery(sandbox_ids=["nobody"]),
@@ -480,9 +618,7 @@ def test_query_filters_combine(store: SqlEventStore) -> None:
     for q in queries:
         assert [e.position for e in store.query(q)] == _matches(store, q), q
 
-    assert {e.stream_id for e in store.query(EventQuery(actors=["carol"]))} == {
-        "sb-c"
-    }
+    assert {e.stream_id for e in store.query(EventQuery(actors=["carol"]))} == {"sb-c"}
     # since is inclusive, until exclusive, at the exact recorded instant.
     at = [e for e in store.query(EventQuery(since=middle, until=middle))]
     assert at == []
@@ -499,8 +635,12 @@ def test_query_times_accept_any_offset(store: SqlEventStore) -> None:
     minus_seven = timezone(timedelta(hours=-7))
     plus_nine = timezone(timedelta(hours=9, minutes=45))
     utc_result = store.query(EventQuery(since=since_utc, until=until_utc))
-    shifted = store.query(EventQuery(since=since_utc.astimezone(minus_seven),
-                                     until=until_utc.astimezone(plus_nine)))
+    shifted = store.query(
+        EventQuery(
+            since=since_utc.astimezone(minus_seven),
+            until=until_utc.astimezone(plus_nine),
+        )
+    )
 
     assert shifted == utc_result
     assert [e.position for e in utc_result] == _matches(
@@ -525,8 +665,9 @@ def test_keyset_pages_are_stable_on_shared_times_and_new_events(
     after = 0
     pages = 0
     while True:
-        page = store.query(EventQuery(sandbox_ids=["sb1"], after_position=after,
-                                      limit=10))
+        page = store.query(
+            EventQuery(sandbox_ids=["sb1"], after_position=after, limit=10)
+        )
         if not page:
             break
         seen += [e.version for e in page]
@@ -574,8 +715,14 @@ def test_wait_for_events(store: SqlEventStore) -> None:
 def test_stats(store: SqlEventStore) -> None:
     take_slot(store, "sb1", 1)
     new_sandbox(store, "sb2")
-    store.append("sb2", [started()], expected_version=1, metadata=meta(),
-                 command_id="c1", command="start")
+    store.append(
+        "sb2",
+        [started()],
+        expected_version=1,
+        metadata=meta(),
+        command_id="c1",
+        command="start",
+    )
 
     stats = store.stats()
 
@@ -583,12 +730,16 @@ def test_stats(store: SqlEventStore) -> None:
     assert stats.last_position == store.last_position()
     assert stats.extra["backend"] == store.engine.dialect.name
     assert stats.extra["sandboxes_by_state"] == {"running": 1, "starting": 1}
-    assert (stats.extra["network_slots"], stats.extra["resources"],
-            stats.extra["commands"]) == (1, 2, 1)
+    assert (
+        stats.extra["network_slots"],
+        stats.extra["resources"],
+        stats.extra["commands"],
+    ) == (1, 2, 1)
 
 
 def test_driver_errors_are_translated_with_their_cause(
-    store: SqlEventStore, raw: sa.Engine,
+    store: SqlEventStore,
+    raw: sa.Engine,
 ) -> None:
     new_sandbox(store, "sb1")
     with raw.begin() as conn:
@@ -603,20 +754,30 @@ def test_driver_errors_are_translated_with_their_cause(
 
 
 def test_constraint_violations_become_typed_errors(
-    store: SqlEventStore, monkeypatch: pytest.MonkeyPatch,
+    store: SqlEventStore,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A writer that skipped the append lock is caught by the constraints, and
     the violation still reads as the typed error, with the data."""
     take_slot(store, "sb1", 3)
     new_sandbox(store, "sb2")
-    store.append("sb2", [started()], expected_version=1, metadata=meta(),
-                 command_id="c-1", command="start")
+    store.append(
+        "sb2",
+        [started()],
+        expected_version=1,
+        metadata=meta(),
+        command_id="c-1",
+        command="start",
+    )
 
     # Stale version check: the unique (stream, version) constraint answers.
     real_version = store._stream_version
     stale = iter([1])
-    monkeypatch.setattr(store, "_stream_version",
-                        lambda conn, sid: next(stale, None) or real_version(conn, sid))
+    monkeypatch.setattr(
+        store,
+        "_stream_version",
+        lambda conn, sid: next(stale, None) or real_version(conn, sid),
+    )
     with pytest.raises(ConcurrencyError) as conflict:
         store.append("sb2", [completed()], expected_version=1, metadata=meta())
     assert (conflict.value.expected, conflict.value.actual) == (1, 2)
@@ -625,18 +786,30 @@ def test_constraint_violations_become_typed_errors(
     # Slot check skipped: the (host, slot) primary key answers.
     monkeypatch.setattr(store, "_slot_holder", _holder_unseen_once(store))
     with pytest.raises(SlotTaken) as taken:
-        store.append("sb2", [step_started("network.prepare", ("slot", "3"))],
-                     expected_version=2, metadata=meta())
+        store.append(
+            "sb2",
+            [step_started("network.prepare", ("slot", "3"))],
+            expected_version=2,
+            metadata=meta(),
+        )
     assert (taken.value.host_id, taken.value.slot, taken.value.holder) == (
-        "h1", 3, "sb1",
+        "h1",
+        3,
+        "sb1",
     )
     monkeypatch.undo()
 
     # Command lookup skipped: the command id primary key answers.
     monkeypatch.setattr(store, "_replay", lambda *a: None)
     with pytest.raises(IdempotencyError) as reused:
-        store.append("sb2", [completed()], expected_version=2, metadata=meta(),
-                     command_id="c-1", command="start")
+        store.append(
+            "sb2",
+            [completed()],
+            expected_version=2,
+            metadata=meta(),
+            command_id="c-1",
+            command="start",
+        )
     assert reused.value.command_id == "c-1"
     monkeypatch.undo()
 

@@ -57,7 +57,8 @@ def test_an_empty_database_is_behind_until_upgraded(db_url: str) -> None:
 
 
 def test_up_down_up_keeps_the_data_and_base_drops_it(
-    db_url: str, raw: sa.Engine,
+    db_url: str,
+    raw: sa.Engine,
 ) -> None:
     upgrade(db_url)
     with closing(open_store(db_url)) as store:
@@ -117,13 +118,18 @@ upgrade(sys.argv[1])
 
 
 def test_concurrent_upgrades_of_a_fresh_database_all_succeed(
-    db_url: str, tmp_path: Path,
+    db_url: str,
+    tmp_path: Path,
 ) -> None:
     """Two processes and two threads upgrade one fresh database at once."""
     go = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", UPGRADER, db_url, str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", UPGRADER, db_url, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     errors: list[BaseException] = []
@@ -172,7 +178,8 @@ def test_revisions_come_from_the_source_tree() -> None:
 
 
 def test_the_embedded_default_makes_its_directory_and_schema(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     home = tmp_path / "state" / "wrenn"
     monkeypatch.setenv("WRENN_ENGINE_HOME", str(home))
@@ -194,7 +201,8 @@ def test_the_embedded_default_makes_its_directory_and_schema(
 
 
 def test_a_database_named_by_the_environment_is_explicit(
-    db_url: str, monkeypatch: pytest.MonkeyPatch,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("WRENN_ENGINE_DB", db_url)
 
@@ -212,8 +220,7 @@ def test_an_in_memory_store_works_from_many_threads() -> None:
         def run(i: int) -> None:
             try:
                 new_sandbox(store, f"sb{i}")
-                store.append(f"sb{i}", [started()], expected_version=1,
-                             metadata=meta())
+                store.append(f"sb{i}", [started()], expected_version=1, metadata=meta())
             except BaseException as exc:
                 errors.append(exc)
 
@@ -234,11 +241,19 @@ def test_sqlite_settings_and_readers_do_not_block_writers(sqlite_url: str) -> No
         with store.engine.connect() as conn:
             pragma = {
                 name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
-                for name in ("journal_mode", "synchronous", "foreign_keys",
-                             "busy_timeout")
+                for name in (
+                    "journal_mode",
+                    "synchronous",
+                    "foreign_keys",
+                    "busy_timeout",
+                )
             }
-        assert pragma == {"journal_mode": "wal", "synchronous": 2,
-                          "foreign_keys": 1, "busy_timeout": 30000}
+        assert pragma == {
+            "journal_mode": "wal",
+            "synchronous": 2,
+            "foreign_keys": 1,
+            "busy_timeout": 30000,
+        }
 
         new_sandbox(store, "sb1")
         with store._read() as reader:

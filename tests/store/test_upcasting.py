@@ -48,24 +48,40 @@ def pinged() -> Iterator[type[Pinged]]:
         UPCASTERS.pop((Pinged.type, 2), None)
 
 
-def _store_old_row(raw: sa.Engine, stream_id: str, version: int, type_: str,
-                   schema_version: int, data: dict[str, Any]) -> None:
+def _store_old_row(
+    raw: sa.Engine,
+    stream_id: str,
+    version: int,
+    type_: str,
+    schema_version: int,
+    data: dict[str, Any],
+) -> None:
     with raw.begin() as conn:
-        conn.execute(sa.insert(events).values(
-            stream_id=stream_id, version=version, type=type_,
-            schema_version=schema_version, data=data, actor="old-engine",
-            host_id="h1", recorded_at=datetime.now(UTC),
-        ))
+        conn.execute(
+            sa.insert(events).values(
+                stream_id=stream_id,
+                version=version,
+                type=type_,
+                schema_version=schema_version,
+                data=data,
+                actor="old-engine",
+                host_id="h1",
+                recorded_at=datetime.now(UTC),
+            )
+        )
 
 
 def test_old_shapes_are_upcast_on_every_read_path(
-    store: SqlEventStore, raw: sa.Engine, pinged: type[Pinged],
+    store: SqlEventStore,
+    raw: sa.Engine,
+    pinged: type[Pinged],
 ) -> None:
     new_sandbox(store, "sb1")
     _store_old_row(raw, "sb1", 2, "test.pinged", 1, {"host": "a", "n": 2})
     _store_old_row(raw, "sb1", 3, "test.pinged", 2, {"target": "b", "count": 5})
-    store.append("sb1", [pinged("c", 1, "fresh").to_new()], expected_version=3,
-                 metadata=meta())
+    store.append(
+        "sb1", [pinged("c", 1, "fresh").to_new()], expected_version=3, metadata=meta()
+    )
 
     expected = [
         {"target": "a", "count": 2, "note": "(none)"},
@@ -84,16 +100,20 @@ def test_old_shapes_are_upcast_on_every_read_path(
 
 
 def test_rebuild_folds_upcast_events(
-    store: SqlEventStore, raw: sa.Engine, monkeypatch: pytest.MonkeyPatch,
+    store: SqlEventStore,
+    raw: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """sandbox.created v1 said "host"; pretend today's v2 says "host_id"."""
     monkeypatch.setattr(SandboxCreated, "schema_version", 2)
     monkeypatch.setitem(
-        UPCASTERS, ("sandbox.created", 1),
+        UPCASTERS,
+        ("sandbox.created", 1),
         lambda d: {"config": d["config"], "host_id": d.pop("host")},
     )
-    _store_old_row(raw, "sb-old", 1, "sandbox.created", 1,
-                   {"config": {"vcpus": 1}, "host": "h9"})
+    _store_old_row(
+        raw, "sb-old", 1, "sandbox.created", 1, {"config": {"vcpus": 1}, "host": "h9"}
+    )
 
     assert store.rebuild_projections() == 1
 
@@ -105,7 +125,8 @@ def test_rebuild_folds_upcast_events(
 
 
 def test_an_unknown_type_fails_loudly_on_every_path(
-    store: SqlEventStore, raw: sa.Engine,
+    store: SqlEventStore,
+    raw: sa.Engine,
 ) -> None:
     take_slot(store, "sb1", 1)
     _store_old_row(raw, "sb1", 6, "test.never_heard_of", 1, {})
@@ -130,7 +151,9 @@ def test_an_unknown_type_fails_loudly_on_every_path(
 
 
 def test_a_schema_newer_than_the_code_fails_loudly(
-    store: SqlEventStore, raw: sa.Engine, pinged: type[Pinged],
+    store: SqlEventStore,
+    raw: sa.Engine,
+    pinged: type[Pinged],
 ) -> None:
     _store_old_row(raw, "sb2", 1, "test.pinged", 7, {"target": "x"})
 
@@ -141,12 +164,21 @@ def test_a_schema_newer_than_the_code_fails_loudly(
 
 
 def test_append_checks_types_against_the_registry(
-    store: SqlEventStore, pinged: type[Pinged],
+    store: SqlEventStore,
+    pinged: type[Pinged],
 ) -> None:
-    store.append("sb1", [created(), pinged("t", 1, "").to_new()],
-                 expected_version=0, metadata=meta())
+    store.append(
+        "sb1",
+        [created(), pinged("t", 1, "").to_new()],
+        expected_version=0,
+        metadata=meta(),
+    )
 
     with pytest.raises(UnknownEventError):
-        store.append("sb1", [NewEvent("test.pinged", {"x": 1}, schema_version=9)],
-                     expected_version=2, metadata=meta())
+        store.append(
+            "sb1",
+            [NewEvent("test.pinged", {"x": 1}, schema_version=9)],
+            expected_version=2,
+            metadata=meta(),
+        )
     assert len(store.read_stream("sb1")) == 2

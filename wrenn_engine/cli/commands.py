@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from wrenn_engine.cli import render
 from wrenn_engine.cli.common import (
@@ -72,8 +72,10 @@ def db_upgrade(args: argparse.Namespace) -> int:
         note(f"database {safe_url(url)} is already at {target}")
     else:
         upgrade(url, args.revision or "head")
-        note(f"database {safe_url(url)} upgraded from {before or 'no schema'} to "
-             f"{target}")
+        note(
+            f"database {safe_url(url)} upgraded from {before or 'no schema'} to "
+            f"{target}"
+        )
     if args.json:
         emit_json({"url": safe_url(url), "before": before, "current": target})
     return 0
@@ -86,8 +88,10 @@ def db_downgrade(args: argparse.Namespace) -> int:
     url = resolved_db_url(args)
     before = current_revision(url)
     downgrade(url, args.revision)
-    note(f"database {safe_url(url)} downgraded from {before or 'no schema'} to "
-         f"{args.revision}")
+    note(
+        f"database {safe_url(url)} downgraded from {before or 'no schema'} to "
+        f"{args.revision}"
+    )
     return 0
 
 
@@ -101,8 +105,14 @@ def db_current(args: argparse.Namespace) -> int:
     current = None if path is not None and not path.exists() else current_revision(url)
     head = head_revision()
     if args.json:
-        emit_json({"url": safe_url(url), "current": current, "head": head,
-                   "up_to_date": current == head})
+        emit_json(
+            {
+                "url": safe_url(url),
+                "current": current,
+                "head": head,
+                "up_to_date": current == head,
+            }
+        )
         return 0
     emit(f"database: {safe_url(url)}")
     emit(f"current:  {current or 'no schema'}")
@@ -110,8 +120,9 @@ def db_current(args: argparse.Namespace) -> int:
     if current != head and is_embedded(args):
         note("the embedded database brings its schema up to date when opened")
     elif current != head:
-        note(f"the schema is behind; run `wrenn-engine --db {safe_url(url)} db "
-             "upgrade`")
+        note(
+            f"the schema is behind; run `wrenn-engine --db {safe_url(url)} db upgrade`"
+        )
     return 0
 
 
@@ -172,7 +183,7 @@ def reconcile(args: argparse.Namespace) -> int:
 
     with open_engine(args, "reconcile") as engine:
         # Engine's method named ``list`` shadows the builtin in its annotations.
-        actions = cast(list[str], engine.reconcile())
+        actions = engine.reconcile()
     if args.json:
         emit_json(actions)
     elif actions:
@@ -261,9 +272,14 @@ def events(args: argparse.Namespace) -> int:
 
     mode = "jsonl" if args.jsonl else "json" if args.json else "table"
     query = EventQuery(
-        sandbox_ids=tuple(args.sandbox or ()), types=tuple(args.type or ()),
-        actors=tuple(args.actor or ()), host_ids=tuple(args.host or ()),
-        since=args.since, until=args.until, after_position=args.after, limit=PAGE,
+        sandbox_ids=tuple(args.sandbox or ()),
+        types=tuple(args.type or ()),
+        actors=tuple(args.actor or ()),
+        host_ids=tuple(args.host or ()),
+        since=args.since,
+        until=args.until,
+        after_position=args.after,
+        limit=PAGE,
     )
     printer = _EventPrinter(mode, args.follow)
     remaining = args.limit
@@ -279,8 +295,9 @@ def events(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backlog(store: EventStore, query: EventQuery, printer: _EventPrinter,
-             limit: int | None) -> int:
+def _backlog(
+    store: EventStore, query: EventQuery, printer: _EventPrinter, limit: int | None
+) -> int:
     """Print what is already there; return the position read up to."""
     cursor = query.after_position
     while True:
@@ -304,8 +321,14 @@ def _more(store: EventStore, query: EventQuery, cursor: int) -> bool:
     return bool(store.query(replace(query, after_position=cursor, limit=1)))
 
 
-def _follow(store: EventStore, query: EventQuery, printer: _EventPrinter,
-            cursor: int, remaining: int | None, timeout: float | None) -> None:
+def _follow(
+    store: EventStore,
+    query: EventQuery,
+    printer: _EventPrinter,
+    cursor: int,
+    remaining: int | None,
+    timeout: float | None,
+) -> None:
     """Print new matching events as they commit, until stopped."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while remaining is None or remaining > 0:
@@ -317,8 +340,12 @@ def _follow(store: EventStore, query: EventQuery, printer: _EventPrinter,
         if not store.wait_for_events(cursor, wait):
             continue
         before = printer.count
-        cursor = _backlog(store, replace(query, after_position=cursor), printer,
-                          None if remaining is None else printer.count + remaining)
+        cursor = _backlog(
+            store,
+            replace(query, after_position=cursor),
+            printer,
+            None if remaining is None else printer.count + remaining,
+        )
         if remaining is not None:
             remaining -= printer.count - before
 
@@ -345,19 +372,24 @@ def read_export(path: str, sandbox_id: str | None) -> list[RecordedEvent]:
                 f"{path} line {number} is not an exported event ({exc}); "
                 "`wrenn-engine export ID` writes one JSON event per line"
             ) from exc
-        schema, data = upcast(event.stream_id, event.version, event.type,
-                              event.schema_version, event.data)
+        schema, data = upcast(
+            event.stream_id, event.version, event.type, event.schema_version, event.data
+        )
         found.append(replace(event, schema_version=schema, data=data))
 
     streams = sorted({e.stream_id for e in found})
     if sandbox_id is not None:
         found = [e for e in found if e.stream_id == sandbox_id]
         if not found:
-            raise CliError(f"{path} holds no events of sandbox {sandbox_id}; it holds "
-                           f"{', '.join(streams) or 'nothing'}")
+            raise CliError(
+                f"{path} holds no events of sandbox {sandbox_id}; it holds "
+                f"{', '.join(streams) or 'nothing'}"
+            )
     elif len(streams) > 1:
-        raise CliError(f"{path} holds several sandboxes ({', '.join(streams)}); name "
-                       "the one to replay")
+        raise CliError(
+            f"{path} holds several sandboxes ({', '.join(streams)}); name "
+            "the one to replay"
+        )
     elif not streams:
         raise CliError(f"{path} holds no events")
     return sorted(found, key=lambda e: e.version)
@@ -377,15 +409,23 @@ def _stream(args: argparse.Namespace) -> list[RecordedEvent]:
 
 def replay(args: argparse.Namespace) -> int:
     events = _stream(args)
-    chosen = [e for e in events
-              if (args.to_version is None or e.version <= args.to_version)
-              and (args.at is None or e.recorded_at <= args.at)]
+    chosen = [
+        e
+        for e in events
+        if (args.to_version is None or e.version <= args.to_version)
+        and (args.at is None or e.recorded_at <= args.at)
+    ]
     if not chosen:
-        where = (f"version {args.to_version}" if args.to_version is not None
-                 else utc_text(args.at))
-        raise CliError(f"sandbox {events[0].stream_id} has no event at or before "
-                       f"{where}; its first is version 1 at "
-                       f"{utc_text(events[0].recorded_at)}")
+        where = (
+            f"version {args.to_version}"
+            if args.to_version is not None
+            else utc_text(args.at)
+        )
+        raise CliError(
+            f"sandbox {events[0].stream_id} has no event at or before "
+            f"{where}; its first is version 1 at "
+            f"{utc_text(events[0].recorded_at)}"
+        )
 
     if args.explain:
         steps = explain(chosen)
@@ -435,8 +475,10 @@ def diff(args: argparse.Namespace) -> int:
     last = events[-1].version
     for flag, version in (("--from", args.from_version), ("--to", args.to_version)):
         if version > last:
-            raise CliError(f"{flag} {version}: sandbox {events[0].stream_id} has "
-                           f"versions 0 to {last}")
+            raise CliError(
+                f"{flag} {version}: sandbox {events[0].stream_id} has "
+                f"versions 0 to {last}"
+            )
 
     def at(version: int) -> dict[str, Any]:
         state = state_at(events, version=version) if version else None
@@ -449,8 +491,10 @@ def diff(args: argparse.Namespace) -> int:
         for change in changes:
             emit(str(change))
     else:
-        note(f"nothing changed between versions {args.from_version} and "
-             f"{args.to_version}")
+        note(
+            f"nothing changed between versions {args.from_version} and "
+            f"{args.to_version}"
+        )
     return 0
 
 
@@ -463,10 +507,22 @@ def verify(args: argparse.Namespace) -> int:
         differences = store.verify_projections()
         count = store.stats().events
     if args.json:
-        emit_json({"ok": not differences, "events": count, "rebuilt": rebuilt,
-                   "differences": [
-                       {"table": d.table, "key": d.key, "stored": d.stored,
-                        "rebuilt": d.rebuilt} for d in differences]})
+        emit_json(
+            {
+                "ok": not differences,
+                "events": count,
+                "rebuilt": rebuilt,
+                "differences": [
+                    {
+                        "table": d.table,
+                        "key": d.key,
+                        "stored": d.stored,
+                        "rebuilt": d.rebuilt,
+                    }
+                    for d in differences
+                ],
+            }
+        )
     else:
         for difference in differences:
             emit(str(difference))
@@ -488,8 +544,11 @@ def failpoint_names() -> list[str]:
     from wrenn_engine.lifecycle.failpoints import names
     from wrenn_engine.lifecycle.pipelines import default_pipelines
 
-    steps = ["config.apply_defaults", "config.validate",
-             *default_pipelines().step_names()]
+    steps = [
+        "config.apply_defaults",
+        "config.validate",
+        *default_pipelines().step_names(),
+    ]
     return names(steps)
 
 

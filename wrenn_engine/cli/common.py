@@ -181,8 +181,9 @@ def emit_jsonl(value: Any) -> None:
     out().flush()
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-          right: Sequence[int] = ()) -> list[str]:
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()
+) -> list[str]:
     """Rows as aligned text columns; ``right`` lists right-aligned columns."""
     cells = [[str(h) for h in headers]] + [
         ["-" if c is None else str(c) for c in row] for row in rows

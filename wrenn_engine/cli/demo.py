@@ -88,8 +88,10 @@ class Demo:
 
     def run(self) -> int:
         self.tmp = tempfile.mkdtemp(prefix="wrenn-demo-")
-        emit(f"wrenn-engine demo: everything goes under {self.tmp} and is removed "
-             "at the end.")
+        emit(
+            f"wrenn-engine demo: everything goes under {self.tmp} and is removed "
+            "at the end."
+        )
         self._choose()
         template = self._template()
         for line in self.choices.notes:
@@ -98,11 +100,18 @@ class Demo:
 
         self.engine = self._engine()
         engine = self.engine
-        self._command("create", lambda: engine.create(
-            kernel_path=self.choices.kernel, rootfs_path=template,
-            sandbox_id=self.sandbox_id, vcpus=1, memory_mb=128, actor="demo",
-            labels={"purpose": "demo"},
-        ))
+        self._command(
+            "create",
+            lambda: engine.create(
+                kernel_path=self.choices.kernel,
+                rootfs_path=template,
+                sandbox_id=self.sandbox_id,
+                vcpus=1,
+                memory_mb=128,
+                actor="demo",
+                labels={"purpose": "demo"},
+            ),
+        )
         self._command("pause", lambda: engine.pause(self.sandbox_id, actor="demo"))
         self._command("resume", lambda: engine.resume(self.sandbox_id, actor="demo"))
         self._command("destroy", lambda: engine.destroy(self.sandbox_id, actor="demo"))
@@ -118,8 +127,10 @@ class Demo:
                 "host (the demo removed them); that is a bug in a driver's teardown, "
                 "please report it with this output"
             )
-        emit("left on the host after destroy: nothing (checked with the drivers' "
-             "own leftover scan).")
+        emit(
+            "left on the host after destroy: nothing (checked with the drivers' "
+            "own leftover scan)."
+        )
         return 0
 
     def _command(self, name: str, call: Callable[[], Any]) -> None:
@@ -128,10 +139,15 @@ class Demo:
         began = time.monotonic()
         sandbox = call()
         took = time.monotonic() - began
-        steps = [e.data["step"] for e in self._history()
-                 if e.version > before and e.type == "step.completed"]
-        emit(f"{name:<8} -> {sandbox.state:<9} {len(steps):>2} steps in {took:.2f}s: "
-             + ", ".join(steps))
+        steps = [
+            e.data["step"]
+            for e in self._history()
+            if e.version > before and e.type == "step.completed"
+        ]
+        emit(
+            f"{name:<8} -> {sandbox.state:<9} {len(steps):>2} steps in {took:.2f}s: "
+            + ", ".join(steps)
+        )
 
     def _history(self) -> list[RecordedEvent]:
         assert self.engine is not None
@@ -154,8 +170,10 @@ class Demo:
             c.kernel = os.path.join(self.tmp, "vmlinux-standin")
             with open(c.kernel, "wb") as f:
                 f.write(b"\x7fELF stand-in kernel for the wrenn-engine demo\n")
-            c.notes.append("kernel: no readable /boot/vmlinux-* or /boot/vmlinuz-*; "
-                           "using a stand-in file (the simulator does not boot it)")
+            c.notes.append(
+                "kernel: no readable /boot/vmlinux-* or /boot/vmlinuz-*; "
+                "using a stand-in file (the simulator does not boot it)"
+            )
 
         if self.args.vmm:
             c.vmm = self.args.vmm
@@ -167,28 +185,38 @@ class Demo:
                 c.notes.append(f"VMM: cloud-hypervisor at {found}")
             else:
                 c.vmm = "simulator"
-                c.notes.append("VMM: cloud-hypervisor is not installed; using the "
-                               "bundled simulator (same API, no guest runs)")
+                c.notes.append(
+                    "VMM: cloud-hypervisor is not installed; using the "
+                    "bundled simulator (same API, no guest runs)"
+                )
 
         missing = [t for t in ("nft",) if shutil.which(t) is None]
         if self.args.fake:
-            c.notes.append("drivers: in-memory stand-ins (--fake); no namespace, "
-                           "link, disk or VMM process is made")
+            c.notes.append(
+                "drivers: in-memory stand-ins (--fake); no namespace, "
+                "link, disk or VMM process is made"
+            )
         elif not is_root():
-            c.notes.append("drivers: in-memory stand-ins, because the real rootfs, "
-                           "network and VMM drivers need root; skipped: the CoW "
-                           "disk, the network namespace, veth, TAP and nftables, "
-                           "and the VMM process (run `sudo wrenn-engine demo` for "
-                           "them)")
+            c.notes.append(
+                "drivers: in-memory stand-ins, because the real rootfs, "
+                "network and VMM drivers need root; skipped: the CoW "
+                "disk, the network namespace, veth, TAP and nftables, "
+                "and the VMM process (run `sudo wrenn-engine demo` for "
+                "them)"
+            )
         elif missing:
-            c.notes.append(f"drivers: in-memory stand-ins, because {', '.join(missing)}"
-                           " is not installed (`make system-deps` installs it)")
+            c.notes.append(
+                f"drivers: in-memory stand-ins, because {', '.join(missing)}"
+                " is not installed (`make system-deps` installs it)"
+            )
         else:
             c.real_drivers = True
             self.host_netns = f"wrenn-demo-{self.tag}"
-            c.notes.append(f"drivers: real rootfs, network and VMM drivers; the "
-                           f"host side of the network is the namespace "
-                           f"{self.host_netns}, made for the demo")
+            c.notes.append(
+                f"drivers: real rootfs, network and VMM drivers; the "
+                f"host side of the network is the namespace "
+                f"{self.host_netns}, made for the demo"
+            )
 
     def _template(self) -> str:
         path = os.path.join(self.tmp, "template.ext4")
@@ -196,18 +224,25 @@ class Demo:
             f.truncate(TEMPLATE_BYTES)
         mkfs = shutil.which("mkfs.ext4")
         if mkfs is None:
-            self.choices.notes.append("template: mkfs.ext4 is not installed; using "
-                                      "an empty 64 MiB image (`make system-deps`)")
+            self.choices.notes.append(
+                "template: mkfs.ext4 is not installed; using "
+                "an empty 64 MiB image (`make system-deps`)"
+            )
             return path
         done = subprocess.run(
             [mkfs, "-q", "-F", "-L", "wrenn-demo", "-E", "lazy_itable_init=1", path],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         if done.returncode != 0:
-            raise CliError(f"mkfs.ext4 failed on {path}: "
-                           f"{done.stderr.strip() or done.returncode}")
-        self.choices.notes.append("template: a 64 MiB ext4 image (sparse) made with "
-                                  "mkfs.ext4")
+            raise CliError(
+                f"mkfs.ext4 failed on {path}: {done.stderr.strip() or done.returncode}"
+            )
+        self.choices.notes.append(
+            "template: a 64 MiB ext4 image (sparse) made with mkfs.ext4"
+        )
         return path
 
     def _engine(self) -> Engine:
@@ -218,8 +253,9 @@ class Demo:
             store = open_store(given)
             note(f"demo: recording in {given} (the demo's events stay there)")
         else:
-            store = open_store(f"sqlite:///{os.path.join(self.tmp, 'demo.db')}",
-                               auto_upgrade=True)
+            store = open_store(
+                f"sqlite:///{os.path.join(self.tmp, 'demo.db')}", auto_upgrade=True
+            )
         run_dir = os.path.join(self.tmp, "run")
         os.mkdir(run_dir, 0o700)
 
@@ -247,10 +283,14 @@ class Demo:
 
     def _settings(self, run_dir: str, vmm: str, **extra: Any) -> EngineSettings:
         return EngineSettings(
-            host_id=f"{env.host_id()}-demo", vmm=vmm, run_dir=run_dir,
-            workers=False, reconcile_on_open=False,
-            lifecycle=LifecycleSettings(launch_timeout_s=10.0, shutdown_timeout_s=3.0,
-                                        max_slots=16),
+            host_id=f"{env.host_id()}-demo",
+            vmm=vmm,
+            run_dir=run_dir,
+            workers=False,
+            reconcile_on_open=False,
+            lifecycle=LifecycleSettings(
+                launch_timeout_s=10.0, shutdown_timeout_s=3.0, max_slots=16
+            ),
             **extra,
         )
 
@@ -260,11 +300,15 @@ class Demo:
         from wrenn_engine.host.vmm.driver import VmmSettings
 
         return self._settings(
-            run_dir, vmm,
-            network=NetworkSettings(prefix=f"wd{self.tag[:4]}",
-                                    host_netns=self.host_netns, max_slots=17),
-            rootfs=RootfsSettings(work_dir=os.path.join(self.tmp, "rootfs"),
-                                  min_free_bytes=16 * 1024 * 1024),
+            run_dir,
+            vmm,
+            network=NetworkSettings(
+                prefix=f"wd{self.tag[:4]}", host_netns=self.host_netns, max_slots=17
+            ),
+            rootfs=RootfsSettings(
+                work_dir=os.path.join(self.tmp, "rootfs"),
+                min_free_bytes=16 * 1024 * 1024,
+            ),
             vmm_driver=VmmSettings(owner=self.tmp),
         )
 
@@ -272,19 +316,30 @@ class Demo:
 
     def _timeline(self, history: list[RecordedEvent]) -> None:
         emit("")
-        emit(f"Timeline of {self.sandbox_id} ({len(history)} events; every command "
-             "as the log recorded it):")
+        emit(
+            f"Timeline of {self.sandbox_id} ({len(history)} events; every command "
+            "as the log recorded it):"
+        )
         first = history[0].recorded_at
         rows = []
         for event in history:
             if event.type.startswith(("sandbox.", "transition.")):
                 offset = (event.recorded_at - first).total_seconds()
-                rows.append([f"+{offset:.3f}s", f"v{event.version}", event.type,
-                             event.metadata.actor, render.summary(event)])
+                rows.append(
+                    [
+                        f"+{offset:.3f}s",
+                        f"v{event.version}",
+                        event.type,
+                        event.metadata.actor,
+                        render.summary(event),
+                    ]
+                )
         for line in table(("AT", "VER", "EVENT", "ACTOR", "WHAT"), rows):
             emit(f"  {line}")
-        emit(f"  (first event at {utc_text(first)}; `wrenn-engine events --sandbox "
-             f"{self.sandbox_id}` lists all of them)")
+        emit(
+            f"  (first event at {utc_text(first)}; `wrenn-engine events --sandbox "
+            f"{self.sandbox_id}` lists all of them)"
+        )
 
     def _replay(self, history: list[RecordedEvent]) -> None:
         emit("")
@@ -319,11 +374,15 @@ class Demo:
             if self.host_netns:
                 from wrenn_engine.host import netns
 
-                _attempt(failures, f"remove namespace {self.host_netns}",
-                         lambda: netns.remove(self.host_netns))
+                _attempt(
+                    failures,
+                    f"remove namespace {self.host_netns}",
+                    lambda: netns.remove(self.host_netns),
+                )
             if self.tmp:
-                _attempt(failures, f"remove {self.tmp}",
-                         lambda: shutil.rmtree(self.tmp))
+                _attempt(
+                    failures, f"remove {self.tmp}", lambda: shutil.rmtree(self.tmp)
+                )
             for failure in failures:
                 note(f"demo: could not {failure}")
 
@@ -342,7 +401,7 @@ class Demo:
         # that only a later reconcile may take over; the demo removes what
         # the log records directly instead.
         sandbox = self.engine.store.get_sandbox(self.sandbox_id)
-        for resource in (sandbox.resources.values() if sandbox else ()):
+        for resource in sandbox.resources.values() if sandbox else ():
             with contextlib.suppress(WrennError, OSError):
                 self.engine.remove_resource(resource["kind"], resource["name"])
 
@@ -360,8 +419,9 @@ def _signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT,
-                                                           signal.SIGTERM)}
+    saved = {
+        s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -377,9 +437,14 @@ def is_root() -> bool:
 def find_kernel() -> str | None:
     """The newest readable kernel image in /boot (vmlinux preferred)."""
     for pattern in ("/boot/vmlinux-*", "/boot/vmlinuz-*"):
-        found = sorted((p for p in glob.glob(pattern)
-                        if os.path.isfile(p) and os.access(p, os.R_OK)),
-                       key=_version_key)
+        found = sorted(
+            (
+                p
+                for p in glob.glob(pattern)
+                if os.path.isfile(p) and os.access(p, os.R_OK)
+            ),
+            key=_version_key,
+        )
         if found:
             return found[-1]
     return None
@@ -408,7 +473,10 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         demo.cleanup()
     if status == 0:
-        emit(f"demo finished in {time.monotonic() - demo.started:.1f}s; removed "
-             f"{demo.tmp}" + (f" and namespace {demo.host_netns}"
-                              if demo.host_netns else "") + ".")
+        emit(
+            f"demo finished in {time.monotonic() - demo.started:.1f}s; removed "
+            f"{demo.tmp}"
+            + (f" and namespace {demo.host_netns}" if demo.host_netns else "")
+            + "."
+        )
     return status

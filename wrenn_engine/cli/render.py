@@ -45,18 +45,23 @@ def summary(event: RecordedEvent) -> str:
         return "filled " + (", ".join(filled) if filled else "nothing")
     if kind == "config.validated":
         config = d.get("config") or {}
-        return (f"vcpus={config.get('vcpus')} memory_mb={config.get('memory_mb')} "
-                f"vmm={config.get('vmm_bin')}")
+        return (
+            f"vcpus={config.get('vcpus')} memory_mb={config.get('memory_mb')} "
+            f"vmm={config.get('vmm_bin')}"
+        )
     if kind == "transition.started":
         return f"{d['transition']}: {d['from_state']} -> {d['to_state']}"
     if kind in ("transition.advanced", "transition.completed"):
         return f"{d['transition']}: -> {d['to_state']}"
     if kind == "transition.rolled_back":
-        return (f"{d['transition']}: back to {d['to_state']} after {d['step']} "
-                f"failed: {d['error']}")
+        return (
+            f"{d['transition']}: back to {d['to_state']} after {d['step']} "
+            f"failed: {d['error']}"
+        )
     if kind == "transition.failed":
-        return (f"{d['transition']}: -> {d['to_state']}, {d['step']} failed: "
-                f"{d['error']}")
+        return (
+            f"{d['transition']}: -> {d['to_state']}, {d['step']} failed: {d['error']}"
+        )
     if kind == "step.started":
         intended = (d.get("intent") or {}).get("resources") or []
         return where + (f" intends {_resources(intended)}" if intended else "")
@@ -96,8 +101,15 @@ EVENT_HEADERS = ("POS", "TIME (UTC)", "SANDBOX", "VER", "TYPE", "ACTOR", "WHAT")
 
 
 def event_row(event: RecordedEvent) -> list[Any]:
-    return [event.position, utc_text(event.recorded_at), event.stream_id,
-            event.version, event.type, event.metadata.actor, summary(event)]
+    return [
+        event.position,
+        utc_text(event.recorded_at),
+        event.stream_id,
+        event.version,
+        event.type,
+        event.metadata.actor,
+        summary(event),
+    ]
 
 
 def event_table(events: Sequence[RecordedEvent]) -> list[str]:
@@ -106,15 +118,30 @@ def event_table(events: Sequence[RecordedEvent]) -> list[str]:
 
 # --- sandboxes ------------------------------------------------------------------------
 
-SANDBOX_HEADERS = ("ID", "STATE", "VER", "HOST", "VCPUS", "MEM MB", "CREATED (UTC)",
-                   "LAST ERROR")
+SANDBOX_HEADERS = (
+    "ID",
+    "STATE",
+    "VER",
+    "HOST",
+    "VCPUS",
+    "MEM MB",
+    "CREATED (UTC)",
+    "LAST ERROR",
+)
 
 
 def sandbox_row(sandbox: SandboxState) -> list[Any]:
     config = sandbox.config
-    return [sandbox.id, sandbox.state, sandbox.version, sandbox.host_id,
-            config.get("vcpus") or "-", config.get("memory_mb") or "-",
-            utc_text(sandbox.created_at), _short(sandbox.last_error or "", 60)]
+    return [
+        sandbox.id,
+        sandbox.state,
+        sandbox.version,
+        sandbox.host_id,
+        config.get("vcpus") or "-",
+        config.get("memory_mb") or "-",
+        utc_text(sandbox.created_at),
+        _short(sandbox.last_error or "", 60),
+    ]
 
 
 def sandbox_table(sandboxes: Sequence[SandboxState]) -> list[str]:
@@ -145,17 +172,20 @@ def sandbox_details(sandbox: SandboxState) -> list[str]:
         ("directory", config.get("sandbox_dir")),
     ]
     if sandbox.labels:
-        pairs.append(("labels", ", ".join(f"{k}={v}" for k, v in
-                                          sorted(sandbox.labels.items()))))
+        pairs.append(
+            ("labels", ", ".join(f"{k}={v}" for k, v in sorted(sandbox.labels.items())))
+        )
     width = max(len(k) for k, _ in pairs) + 1
     lines = [f"{(k + ':').ljust(width)} {v}" for k, v in pairs]
 
     transition = sandbox.transition
     if transition is not None:
         lines.append("")
-        lines.append(f"in progress: {transition.name} from {transition.from_state} "
-                     f"(since version {transition.started_version}, by "
-                     f"{transition.actor}, engine {transition.engine})")
+        lines.append(
+            f"in progress: {transition.name} from {transition.from_state} "
+            f"(since version {transition.started_version}, by "
+            f"{transition.actor}, engine {transition.engine})"
+        )
         for record in transition.steps:
             error = f": {record.error}" if record.error else ""
             lines.append(f"  {record.step:<20} {record.status}{error}")
@@ -163,10 +193,13 @@ def sandbox_details(sandbox: SandboxState) -> list[str]:
     lines.append("")
     if sandbox.resources:
         lines.append("holds:")
-        for res in sorted(sandbox.resources.values(),
-                          key=lambda r: (r["kind"], r["name"])):
-            lines.append(f"  {res['kind']:<10} {res['name']}  ({res['status']}, "
-                         f"{res.get('step', '?')})")
+        for res in sorted(
+            sandbox.resources.values(), key=lambda r: (r["kind"], r["name"])
+        ):
+            lines.append(
+                f"  {res['kind']:<10} {res['name']}  ({res['status']}, "
+                f"{res.get('step', '?')})"
+            )
     else:
         lines.append("holds: nothing")
     if sandbox.facts:
@@ -190,11 +223,18 @@ class Change:
     new_present: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path,
-                "old": self.old if self.old_present else None,
-                "new": self.new if self.new_present else None,
-                "change": ("added" if not self.old_present else
-                           "removed" if not self.new_present else "changed")}
+        return {
+            "path": self.path,
+            "old": self.old if self.old_present else None,
+            "new": self.new if self.new_present else None,
+            "change": (
+                "added"
+                if not self.old_present
+                else "removed"
+                if not self.new_present
+                else "changed"
+            ),
+        }
 
     def __str__(self) -> str:
         old = dumps(self.old) if self.old_present else "(absent)"
@@ -254,11 +294,21 @@ def explain_lines(steps: Sequence[tuple[RecordedEvent, SandboxState]]) -> list[s
     previous: SandboxState | None = None
     for event, state in steps:
         moved = previous is None or previous.state != state.state
-        rows.append([f"v{event.version}", utc_text(event.recorded_at), event.type,
-                     f"=> {state.state}" if moved else "", summary(event)])
+        rows.append(
+            [
+                f"v{event.version}",
+                utc_text(event.recorded_at),
+                event.type,
+                f"=> {state.state}" if moved else "",
+                summary(event),
+            ]
+        )
         # A step's own events already say what it intends, holds and releases.
-        held = ("" if event.type in ("step.started", "step.completed")
-                else _held_changes(previous, state))
+        held = (
+            ""
+            if event.type in ("step.started", "step.completed")
+            else _held_changes(previous, state)
+        )
         if held:
             rows.append(["", "", "", "", f"  {held}"])
         previous = state
@@ -275,9 +325,11 @@ def _held_changes(before: SandboxState | None, after: SandboxState) -> str:
     parts = [f"+{key}" for key in sorted(new - old)]
     parts += [f"-{key}" for key in sorted(old - new)]
     if before is not None:
-        parts += [f"{key} now {after.resources[key]['status']}"
-                  for key in sorted(old & new)
-                  if before.resources[key]["status"] != after.resources[key]["status"]]
+        parts += [
+            f"{key} now {after.resources[key]['status']}"
+            for key in sorted(old & new)
+            if before.resources[key]["status"] != after.resources[key]["status"]
+        ]
     return "  ".join(parts)
 
 
@@ -285,11 +337,16 @@ def why(steps: Sequence[tuple[RecordedEvent, SandboxState]]) -> list[str]:
     """A plain account of why the sandbox is where the last event left it."""
     events = [e for e, _ in steps]
     final = steps[-1][1]
-    lines = [f"sandbox {final.id} is {final.state} at version {final.version} "
-             f"({utc_text(final.updated_at)})."]
+    lines = [
+        f"sandbox {final.id} is {final.state} at version {final.version} "
+        f"({utc_text(final.updated_at)})."
+    ]
 
-    ended = [e for e in events if e.type.startswith("transition.")
-             and e.type != "transition.advanced"]
+    ended = [
+        e
+        for e in events
+        if e.type.startswith("transition.") and e.type != "transition.advanced"
+    ]
     last = ended[-1] if ended else None
     if final.transition is not None:
         t = final.transition
@@ -299,34 +356,53 @@ def why(steps: Sequence[tuple[RecordedEvent, SandboxState]]) -> list[str]:
             f"A {t.name} (by {t.actor}, engine {t.engine}) began at version "
             f"{t.started_version} and has not finished; steps done: "
             f"{', '.join(done) or 'none'}"
-            + (f"; under way: {', '.join(running)}" if running else "") + "."
+            + (f"; under way: {', '.join(running)}" if running else "")
+            + "."
         )
-        lines.append("If no engine is running it any more, `wrenn-engine reconcile` "
-                     "on its host finishes or undoes it.")
-    elif last is not None and last.type in ("transition.rolled_back",
-                                            "transition.failed"):
+        lines.append(
+            "If no engine is running it any more, `wrenn-engine reconcile` "
+            "on its host finishes or undoes it."
+        )
+    elif last is not None and last.type in (
+        "transition.rolled_back",
+        "transition.failed",
+    ):
         d = last.data
         start = _transition_start(events, last)
-        undone = [e.data["step"] for e in events[start:]
-                  if e.type == "step.undone" and e.version < last.version]
-        undo_failed = [e.data["step"] for e in events[start:]
-                       if e.type == "step.undo_failed" and e.version < last.version]
+        undone = [
+            e.data["step"]
+            for e in events[start:]
+            if e.type == "step.undone" and e.version < last.version
+        ]
+        undo_failed = [
+            e.data["step"]
+            for e in events[start:]
+            if e.type == "step.undo_failed" and e.version < last.version
+        ]
         verb = "was rolled back" if last.type == "transition.rolled_back" else "failed"
-        lines.append(f"The {d['transition']} command {verb}: step {d['step']} "
-                     f"failed: {d['error']}.")
+        lines.append(
+            f"The {d['transition']} command {verb}: step {d['step']} "
+            f"failed: {d['error']}."
+        )
         if undone:
             lines.append("Undone, in order: " + ", ".join(undone) + ".")
         else:
             lines.append("Nothing was undone.")
         if undo_failed:
-            lines.append("Undo failed for: " + ", ".join(undo_failed)
-                         + "; what they made is still recorded as held.")
+            lines.append(
+                "Undo failed for: "
+                + ", ".join(undo_failed)
+                + "; what they made is still recorded as held."
+            )
         if final.state == "error" and final.resources:
-            lines.append(f"`wrenn-engine destroy {final.id}` removes what it still "
-                         "holds.")
+            lines.append(
+                f"`wrenn-engine destroy {final.id}` removes what it still holds."
+            )
     elif last is not None:
-        lines.append(f"The last command, {last.data['transition']} by "
-                     f"{last.metadata.actor}, completed at version {last.version}.")
+        lines.append(
+            f"The last command, {last.data['transition']} by "
+            f"{last.metadata.actor}, completed at version {last.version}."
+        )
     else:
         lines.append("No command has run on it yet.")
 

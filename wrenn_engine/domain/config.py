@@ -132,16 +132,23 @@ class VMConfig:
         _check_range("vcpus", self.vcpus, 1, VCPUS_MAX, "vCPUs")
         _check_range("memory_mb", self.memory_mb, MEMORY_MB_MIN, MEMORY_MB_MAX, "MiB")
 
-        _check_name("network_namespace", self.network_namespace, NETNS_RE,
-                    NETNS_NAME_MAX)
+        _check_name(
+            "network_namespace", self.network_namespace, NETNS_RE, NETNS_NAME_MAX
+        )
         if self.tap_device:
             _check_name("tap_device", self.tap_device, IFNAME_RE, IFNAME_MAX)
         if self.tap_mac:
             _check_mac(self.tap_mac)
         _check_network(self.guest_ip, self.gateway_ip, self.netmask)
 
-        for name in ("kernel_path", "rootfs_path", "vmm_bin", "sandbox_dir",
-                     "init_path", "snapshot_dir"):
+        for name in (
+            "kernel_path",
+            "rootfs_path",
+            "vmm_bin",
+            "sandbox_dir",
+            "init_path",
+            "snapshot_dir",
+        ):
             value = getattr(self, name)
             if value:
                 _check_path(name, value)
@@ -160,7 +167,8 @@ class VMConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(
-                unknown[0], "is not a VMConfig field",
+                unknown[0],
+                "is not a VMConfig field",
                 limit=", ".join(sorted(known)),
                 hint="check the spelling of the field name",
             )
@@ -202,13 +210,16 @@ def _check_sandbox_id(value: str) -> None:
     )
     if len(value) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.match(value):
         raise ConfigError(
-            "sandbox_id", f"{value!r} is not a valid sandbox id", limit=limit,
+            "sandbox_id",
+            f"{value!r} is not a valid sandbox id",
+            limit=limit,
             hint="pick an id from that alphabet or let the engine generate one",
         )
     socket = default_socket_path(value)
     if len(socket.encode()) > UNIX_SOCKET_PATH_MAX:
         raise ConfigError(
-            "sandbox_id", f"{value!r} makes the socket path {socket!r} too long",
+            "sandbox_id",
+            f"{value!r} makes the socket path {socket!r} too long",
             limit=f"{UNIX_SOCKET_PATH_MAX} bytes for a unix socket path",
             hint="use a shorter sandbox id",
         )
@@ -218,24 +229,30 @@ def _check_name(field: str, value: str, pattern: re.Pattern[str], maximum: int) 
     size = len(value.encode())
     if size > maximum:
         raise ConfigError(
-            field, f"{value!r} is {size} bytes long",
-            limit=f"at most {maximum} bytes", hint="use a shorter name",
+            field,
+            f"{value!r} is {size} bytes long",
+            limit=f"at most {maximum} bytes",
+            hint="use a shorter name",
         )
     if not pattern.match(value):
         raise ConfigError(
-            field, f"{value!r} has characters that are not allowed",
-            limit="letters, digits, '.', '-' and '_', starting with a letter or "
-            "digit", hint="rename it",
+            field,
+            f"{value!r} has characters that are not allowed",
+            limit="letters, digits, '.', '-' and '_', starting with a letter or digit",
+            hint="rename it",
         )
 
 
 def _check_range(field: str, value: int, low: int, high: int, unit: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(field, f"{value!r} is not a whole number",
-                          limit=f"{low} to {high} {unit}")
+        raise ConfigError(
+            field, f"{value!r} is not a whole number", limit=f"{low} to {high} {unit}"
+        )
     if not low <= value <= high:
         raise ConfigError(
-            field, f"{value} is out of range", limit=f"{low} to {high} {unit}",
+            field,
+            f"{value} is out of range",
+            limit=f"{low} to {high} {unit}",
             hint=f"choose a value between {low} and {high}",
         )
 
@@ -243,12 +260,14 @@ def _check_range(field: str, value: int, low: int, high: int, unit: str) -> None
 def _check_mac(value: str) -> None:
     if not MAC_RE.match(value):
         raise ConfigError(
-            "tap_mac", f"{value!r} is not a MAC address",
+            "tap_mac",
+            f"{value!r} is not a MAC address",
             limit="six hex octets separated by ':', e.g. 02:FC:00:00:00:05",
         )
     if int(value[:2], 16) & 0x01:
         raise ConfigError(
-            "tap_mac", f"{value!r} is a multicast address",
+            "tap_mac",
+            f"{value!r} is a multicast address",
             limit="a unicast MAC (the lowest bit of the first octet clear)",
             hint="use a locally administered unicast MAC such as 02:FC:00:00:00:05",
         )
@@ -260,45 +279,62 @@ def _check_network(guest_ip: str, gateway_ip: str, netmask: str) -> None:
         try:
             addresses[field] = ipaddress.IPv4Address(value)
         except ValueError as exc:
-            raise ConfigError(field, f"{value!r} is not an IPv4 address",
-                              limit="dotted quad, e.g. 169.254.0.21") from exc
+            raise ConfigError(
+                field,
+                f"{value!r} is not an IPv4 address",
+                limit="dotted quad, e.g. 169.254.0.21",
+            ) from exc
     try:
         network = ipaddress.IPv4Network(f"0.0.0.0/{netmask}")
     except ValueError as exc:
         raise ConfigError(
-            "netmask", f"{netmask!r} is not a network mask",
+            "netmask",
+            f"{netmask!r} is not a network mask",
             limit="contiguous ones then zeros, e.g. 255.255.255.252",
         ) from exc
     if str(network.netmask) != netmask:
-        raise ConfigError("netmask", f"{netmask!r} is not written as a dotted mask",
-                          limit="dotted quad, e.g. 255.255.255.252")
+        raise ConfigError(
+            "netmask",
+            f"{netmask!r} is not written as a dotted mask",
+            limit="dotted quad, e.g. 255.255.255.252",
+        )
     guest_net = ipaddress.IPv4Network(f"{guest_ip}/{netmask}", strict=False)
     if addresses["gateway_ip"] not in guest_net:
         raise ConfigError(
-            "gateway_ip", f"{gateway_ip} is not in the guest network {guest_net}",
+            "gateway_ip",
+            f"{gateway_ip} is not in the guest network {guest_net}",
             hint="put the guest and its gateway in the same subnet",
         )
     if guest_ip == gateway_ip:
-        raise ConfigError("gateway_ip", "equals guest_ip",
-                          hint="the guest and its gateway need different addresses")
+        raise ConfigError(
+            "gateway_ip",
+            "equals guest_ip",
+            hint="the guest and its gateway need different addresses",
+        )
 
 
 def _check_path(field: str, value: str) -> None:
     if not value.startswith("/"):
-        raise ConfigError(field, f"{value!r} is not an absolute path",
-                          hint="give the full path, starting with '/'")
+        raise ConfigError(
+            field,
+            f"{value!r} is not an absolute path",
+            hint="give the full path, starting with '/'",
+        )
     if "\x00" in value:
-        raise ConfigError(field, f"{value!r} contains a NUL byte",
-                          hint="give a plain absolute path")
+        raise ConfigError(
+            field, f"{value!r} contains a NUL byte", hint="give a plain absolute path"
+        )
     if os.path.normpath(value) != value:
         raise ConfigError(
-            field, f"{value!r} is not in normal form",
+            field,
+            f"{value!r} is not in normal form",
             limit="no '.', '..', '//' or trailing '/'",
             hint=f"write it as {os.path.normpath(value)!r}",
         )
     if "," in value or "=" in value:
         raise ConfigError(
-            field, f"{value!r} contains ',' or '='",
+            field,
+            f"{value!r} contains ',' or '='",
             limit="no ',' or '=' (the VMM's option syntax uses them)",
             hint="rename or move the file",
         )
@@ -310,7 +346,8 @@ def _check_socket_path(field: str, value: str) -> None:
     size = len(value.encode())
     if size > UNIX_SOCKET_PATH_MAX:
         raise ConfigError(
-            field, f"{value!r} is {size} bytes long",
+            field,
+            f"{value!r} is {size} bytes long",
             limit=f"{UNIX_SOCKET_PATH_MAX} bytes for a unix socket path",
             hint="use a shorter directory or sandbox id",
         )

@@ -38,8 +38,14 @@ class State(StrEnum):
 
 
 STABLE_STATES = frozenset(
-    {State.PENDING, State.RUNNING, State.PAUSED, State.STOPPED, State.ERROR,
-     State.DESTROYED}
+    {
+        State.PENDING,
+        State.RUNNING,
+        State.PAUSED,
+        State.STOPPED,
+        State.ERROR,
+        State.DESTROYED,
+    }
 )
 TRANSIENT_STATES = frozenset(set(State) - STABLE_STATES)
 TERMINAL_STATES = frozenset({State.DESTROYED})
@@ -56,8 +62,13 @@ class StepRecord:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "intent": self.intent, "result": self.result,
-                "status": self.status, "error": self.error}
+        return {
+            "step": self.step,
+            "intent": self.intent,
+            "result": self.result,
+            "status": self.status,
+            "error": self.error,
+        }
 
 
 @dataclass(slots=True)
@@ -74,9 +85,13 @@ class TransitionRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "from_state": self.from_state, "engine": self.engine,
-            "started_version": self.started_version, "command_id": self.command_id,
-            "actor": self.actor, "steps": [s.to_dict() for s in self.steps],
+            "name": self.name,
+            "from_state": self.from_state,
+            "engine": self.engine,
+            "started_version": self.started_version,
+            "command_id": self.command_id,
+            "actor": self.actor,
+            "steps": [s.to_dict() for s in self.steps],
         }
 
     def step(self, name: str) -> StepRecord | None:
@@ -209,8 +224,9 @@ def evolve(state: SandboxState | None, event: RecordedEvent) -> SandboxState:
     return state
 
 
-def fold(events: Iterable[RecordedEvent],
-         state: SandboxState | None = None) -> SandboxState | None:
+def fold(
+    events: Iterable[RecordedEvent], state: SandboxState | None = None
+) -> SandboxState | None:
     """The state after ``events``, starting from ``state`` (which is copied)."""
     if state is not None:
         state = copy.deepcopy(state)
@@ -219,18 +235,24 @@ def fold(events: Iterable[RecordedEvent],
     return state
 
 
-def state_at(events: Iterable[RecordedEvent], version: int | None = None,
-             at: datetime | None = None) -> SandboxState | None:
+def state_at(
+    events: Iterable[RecordedEvent],
+    version: int | None = None,
+    at: datetime | None = None,
+) -> SandboxState | None:
     """The state after the last event at or before ``version`` / ``at``."""
     chosen = (
-        e for e in events
+        e
+        for e in events
         if (version is None or e.version <= version)
         and (at is None or e.recorded_at <= at)
     )
     return fold(chosen)
 
 
-def explain(events: Iterable[RecordedEvent]) -> list[tuple[RecordedEvent, SandboxState]]:
+def explain(
+    events: Iterable[RecordedEvent],
+) -> list[tuple[RecordedEvent, SandboxState]]:
     """Each event with a copy of the state it produced (for ``replay --explain``)."""
     steps: list[tuple[RecordedEvent, SandboxState]] = []
     state: SandboxState | None = None
@@ -270,8 +292,11 @@ def _validated(s: SandboxState, e: RecordedEvent) -> None:
 def _t_started(s: SandboxState, e: RecordedEvent) -> None:
     d = e.data
     s.transition = TransitionRecord(
-        name=d["transition"], from_state=d["from_state"], engine=d["engine"],
-        started_version=e.version, command_id=e.metadata.command_id,
+        name=d["transition"],
+        from_state=d["from_state"],
+        engine=d["engine"],
+        started_version=e.version,
+        command_id=e.metadata.command_id,
         actor=e.metadata.actor,
     )
     s.state = d["to_state"]
@@ -307,8 +332,12 @@ def _s_started(s: SandboxState, e: RecordedEvent) -> None:
     for res in intent.get("resources", ()):
         key = resource_key(res["kind"], str(res["name"]))
         if key not in s.resources:
-            s.resources[key] = {"kind": res["kind"], "name": str(res["name"]),
-                                "status": "intended", "step": step}
+            s.resources[key] = {
+                "kind": res["kind"],
+                "name": str(res["name"]),
+                "status": "intended",
+                "step": step,
+            }
 
 
 @_on("step.completed")
@@ -320,8 +349,12 @@ def _s_completed(s: SandboxState, e: RecordedEvent) -> None:
         record.status = "completed"
     for res in result.get("resources", ()):
         key = resource_key(res["kind"], str(res["name"]))
-        s.resources[key] = {"kind": res["kind"], "name": str(res["name"]),
-                            "status": "created", "step": step}
+        s.resources[key] = {
+            "kind": res["kind"],
+            "name": str(res["name"]),
+            "status": "created",
+            "step": step,
+        }
     for res in result.get("released", ()):
         s.resources.pop(resource_key(res["kind"], str(res["name"])), None)
     # Intended resources the step did not end up creating are not held.

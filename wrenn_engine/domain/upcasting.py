@@ -40,7 +40,10 @@ def current_version(event_type: str) -> int | None:
 
 
 def upcast(
-    stream_id: str, version: int, event_type: str, schema_version: int,
+    stream_id: str,
+    version: int,
+    event_type: str,
+    schema_version: int,
     data: dict[str, Any],
 ) -> tuple[int, dict[str, Any]]:
     """Return ``(current schema version, data in the current shape)``."""

@@ -63,15 +63,21 @@ def new_sandbox_id() -> str:
 class Engine:
     """One host's sandboxes, driven through their event-sourced lifecycle."""
 
-    def __init__(self, store: EventStore, drivers: HostDrivers,
-                 settings: EngineSettings | None = None,
-                 failpoints: Failpoints | None = None,
-                 pipelines: Pipelines | None = None):
+    def __init__(
+        self,
+        store: EventStore,
+        drivers: HostDrivers,
+        settings: EngineSettings | None = None,
+        failpoints: Failpoints | None = None,
+        pipelines: Pipelines | None = None,
+    ):
         self.store = store
         self.drivers = drivers
         self.settings = settings or EngineSettings()
         self.host_id = self.settings.host_id
-        self.failpoints = failpoints if failpoints is not None else Failpoints.from_env()
+        self.failpoints = (
+            failpoints if failpoints is not None else Failpoints.from_env()
+        )
         self.pipelines = pipelines or default_pipelines()
         self.instance = instance_id(self.host_id)
 
@@ -82,16 +88,23 @@ class Engine:
         self._closed = False
         self._workers: list[Any] = []
         self.monitor = MonitorLog(self)
-        for sandbox in store.list_sandboxes(states=[State.RUNNING], host_id=self.host_id):
+        for sandbox in store.list_sandboxes(
+            states=[State.RUNNING], host_id=self.host_id
+        ):
             self.monitor.resume_from_log(sandbox.id)
 
     # --- opening and closing ----------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str | None = None, *, drivers: HostDrivers | None = None,
-             settings: EngineSettings | None = None,
-             failpoints: Failpoints | None = None,
-             auto_upgrade: bool | None = None) -> Engine:
+    def open(
+        cls,
+        url: str | None = None,
+        *,
+        drivers: HostDrivers | None = None,
+        settings: EngineSettings | None = None,
+        failpoints: Failpoints | None = None,
+        auto_upgrade: bool | None = None,
+    ) -> Engine:
         """Open the store at ``url`` (default: the embedded SQLite file),
         reconcile this host with the log, and start the background workers.
 
@@ -159,14 +172,23 @@ class Engine:
         ``config`` to set any VMConfig field by hand; the keyword arguments
         fill the fields it leaves empty.
         """
-        sandbox_id = sandbox_id or (config.sandbox_id if config else "") or new_sandbox_id()
+        sandbox_id = (
+            sandbox_id or (config.sandbox_id if config else "") or new_sandbox_id()
+        )
         validate_sandbox_id(sandbox_id)
         if command_id:
             replayed = self._replayed(command_id, sandbox_id, "create")
             if replayed is not None:
                 return replayed
-        draft = self._draft_config(config or VMConfig(), sandbox_id, kernel_path,
-                                   rootfs_path, vcpus, memory_mb, template_id)
+        draft = self._draft_config(
+            config or VMConfig(),
+            sandbox_id,
+            kernel_path,
+            rootfs_path,
+            vcpus,
+            memory_mb,
+            template_id,
+        )
         _check_timeout(inactivity_timeout_s)
 
         filled = draft.defaults_to_apply()
@@ -177,24 +199,34 @@ class Engine:
         self._preflight(effective)
 
         events = [
-            ev.SandboxCreated(draft.to_dict(), self.host_id, inactivity_timeout_s,
-                              dict(labels or {})),
+            ev.SandboxCreated(
+                draft.to_dict(), self.host_id, inactivity_timeout_s, dict(labels or {})
+            ),
             ev.ConfigDefaultsApplied(filled),
             ev.ConfigValidated(effective.to_dict()),
         ]
         metadata = self._metadata(actor, command_id)
         try:
             result = self.store.append(
-                sandbox_id, [e.to_new() for e in events], expected_version=0,
-                metadata=metadata, command_id=command_id, command="create",
+                sandbox_id,
+                [e.to_new() for e in events],
+                expected_version=0,
+                metadata=metadata,
+                command_id=command_id,
+                command="create",
             )
         except ConcurrencyError as exc:
             raise ConfigError(
-                "sandbox_id", f"{sandbox_id!r} already exists",
+                "sandbox_id",
+                f"{sandbox_id!r} already exists",
                 hint="choose another id, or omit it to have one generated",
             ) from exc
-        log.info("sandbox %s: created (vcpus=%s, memory_mb=%s)", sandbox_id,
-                 effective.vcpus, effective.memory_mb)
+        log.info(
+            "sandbox %s: created (vcpus=%s, memory_mb=%s)",
+            sandbox_id,
+            effective.vcpus,
+            effective.memory_mb,
+        )
         self._notify()
         if result.replayed:
             return self.get(sandbox_id)
@@ -203,33 +235,69 @@ class Engine:
             return self.start(sandbox_id, actor=actor, command_id=start_id)
         return self.get(sandbox_id)
 
-    def start(self, sandbox_id: str, *, actor: str = "api",
-              command_id: str | None = None, wait: bool = False) -> SandboxState:
+    def start(
+        self,
+        sandbox_id: str,
+        *,
+        actor: str = "api",
+        command_id: str | None = None,
+        wait: bool = False,
+    ) -> SandboxState:
         """pending or stopped -> running."""
         return self._command("start", sandbox_id, actor, command_id, wait)
 
-    def pause(self, sandbox_id: str, *, actor: str = "api",
-              command_id: str | None = None, wait: bool = False) -> SandboxState:
+    def pause(
+        self,
+        sandbox_id: str,
+        *,
+        actor: str = "api",
+        command_id: str | None = None,
+        wait: bool = False,
+    ) -> SandboxState:
         """running -> paused: snapshot, then release VMM, network, loop devices."""
         return self._command("pause", sandbox_id, actor, command_id, wait)
 
-    def resume(self, sandbox_id: str, *, actor: str = "api",
-               command_id: str | None = None, wait: bool = False) -> SandboxState:
+    def resume(
+        self,
+        sandbox_id: str,
+        *,
+        actor: str = "api",
+        command_id: str | None = None,
+        wait: bool = False,
+    ) -> SandboxState:
         """paused -> running: a new VMM restored from the snapshot."""
         return self._command("resume", sandbox_id, actor, command_id, wait)
 
-    def stop(self, sandbox_id: str, *, actor: str = "api",
-             command_id: str | None = None, wait: bool = False) -> SandboxState:
+    def stop(
+        self,
+        sandbox_id: str,
+        *,
+        actor: str = "api",
+        command_id: str | None = None,
+        wait: bool = False,
+    ) -> SandboxState:
         """running or paused -> stopped; the disk is kept."""
         return self._command("stop", sandbox_id, actor, command_id, wait)
 
-    def destroy(self, sandbox_id: str, *, actor: str = "api",
-                command_id: str | None = None, wait: bool = False) -> SandboxState:
+    def destroy(
+        self,
+        sandbox_id: str,
+        *,
+        actor: str = "api",
+        command_id: str | None = None,
+        wait: bool = False,
+    ) -> SandboxState:
         """Any non-terminal state -> destroyed. A second destroy adds nothing."""
         return self._command("destroy", sandbox_id, actor, command_id, wait)
 
-    def halt(self, sandbox_id: str, reason: str, *, causation_id: str | None = None,
-             wait: bool = True) -> SandboxState:
+    def halt(
+        self,
+        sandbox_id: str,
+        reason: str,
+        *,
+        causation_id: str | None = None,
+        wait: bool = True,
+    ) -> SandboxState:
         """The VMM exited on its own: release what it held (actor ``system``).
 
         A guest shutdown lands in ``stopped``; a panic or a VMM crash in
@@ -238,16 +306,19 @@ class Engine:
         options: dict[str, Any] = {}
         if reason != "guest-shutdown":
             options["land_in_error"] = f"{reason}: the VMM exited on its own"
-        return self._command("halt", sandbox_id, "system", None, wait, options,
-                             causation_id=causation_id)
+        return self._command(
+            "halt", sandbox_id, "system", None, wait, options, causation_id=causation_id
+        )
 
     def touch(self, sandbox_id: str, detail: str = "", *, actor: str = "api") -> None:
         """Record that the sandbox was used: its inactivity timer starts again."""
         with self.hold(sandbox_id, "touch", wait=True):
             sandbox = self.get(sandbox_id)
             self.store.append(
-                sandbox_id, [ev.ActivityRecorded(detail).to_new()],
-                expected_version=sandbox.version, metadata=self._metadata(actor, None),
+                sandbox_id,
+                [ev.ActivityRecorded(detail).to_new()],
+                expected_version=sandbox.version,
+                metadata=self._metadata(actor, None),
             )
 
     # --- queries ----------------------------------------------------------------------
@@ -258,8 +329,9 @@ class Engine:
             raise SandboxNotFound(sandbox_id)
         return sandbox
 
-    def list(self, *, states: Sequence[str] = (),
-             host_id: str | None = None) -> builtins.list[SandboxState]:
+    def list(
+        self, *, states: Sequence[str] = (), host_id: str | None = None
+    ) -> builtins.list[SandboxState]:
         return self.store.list_sandboxes(states=states, host_id=host_id)
 
     def history(self, sandbox_id: str) -> builtins.list[RecordedEvent]:
@@ -271,8 +343,9 @@ class Engine:
     def events(self, query: EventQuery) -> builtins.list[RecordedEvent]:
         return self.store.query(query)
 
-    def replay(self, sandbox_id: str, to_version: int | None = None,
-               at: datetime | None = None) -> SandboxState:
+    def replay(
+        self, sandbox_id: str, to_version: int | None = None, at: datetime | None = None
+    ) -> SandboxState:
         """The state after the chosen event, folded from the log alone."""
         events = self.store.read_stream(sandbox_id, to_version=to_version, at=at)
         state = state_at(events)
@@ -280,8 +353,9 @@ class Engine:
             raise SandboxNotFound(sandbox_id)
         return state
 
-    def wait(self, sandbox_id: str, state: str | Sequence[str],
-             timeout: float = 30.0) -> SandboxState:
+    def wait(
+        self, sandbox_id: str, state: str | Sequence[str], timeout: float = 30.0
+    ) -> SandboxState:
         """Block until the sandbox is in ``state`` (or one of several)."""
         wanted = (state,) if isinstance(state, str) else tuple(state)
         deadline = time.monotonic() + timeout
@@ -293,8 +367,9 @@ class Engine:
             if remaining <= 0:
                 raise WaitTimeout(sandbox_id, wanted, current.state, timeout)
             if current.is_terminal:
-                raise InvalidTransition(sandbox_id, f"reach {'/'.join(wanted)}",
-                                        current.state)
+                raise InvalidTransition(
+                    sandbox_id, f"reach {'/'.join(wanted)}", current.state
+                )
             with self._changed:
                 self._changed.wait(min(remaining, 0.2))
 
@@ -305,14 +380,24 @@ class Engine:
         return Reconciler(self).run()
 
     def step_names(self) -> builtins.list[str]:
-        return ["config.apply_defaults", "config.validate", *self.pipelines.step_names()]
+        return [
+            "config.apply_defaults",
+            "config.validate",
+            *self.pipelines.step_names(),
+        ]
 
-    # --- running commands ---------------------------------------------------------------
+    # --- running commands -------------------------------------------------------------
 
-    def _command(self, command: str, sandbox_id: str, actor: str,
-                 command_id: str | None, wait: bool,
-                 options: dict[str, Any] | None = None,
-                 causation_id: str | None = None) -> SandboxState:
+    def _command(
+        self,
+        command: str,
+        sandbox_id: str,
+        actor: str,
+        command_id: str | None,
+        wait: bool,
+        options: dict[str, Any] | None = None,
+        causation_id: str | None = None,
+    ) -> SandboxState:
         if self._closed:
             raise WrennError("the engine is closed; open a new one with Engine.open()")
         if command_id:
@@ -326,56 +411,77 @@ class Engine:
                 return sandbox
             self._check_allowed(sandbox, command)
 
-            run = self._new_run(sandbox, command, actor, command_id, options or {},
-                                causation_id)
+            run = self._new_run(
+                sandbox, command, actor, command_id, options or {}, causation_id
+            )
             try:
                 outcome = run.execute()
             except AlreadyApplied:
                 return self.get(sandbox_id)
             except ConcurrencyError as exc:
                 if run.sandbox.version == sandbox.version:
-                    raise SandboxBusy(sandbox_id, command,
-                                      "a command of another engine") from exc
+                    raise SandboxBusy(
+                        sandbox_id, command, "a command of another engine"
+                    ) from exc
                 raise
             finally:
                 self._after_run(run.sandbox)
 
         if outcome.error is not None:
-            raise CommandFailed(sandbox_id, outcome.failed_step or "?", outcome.state,
-                                outcome.error_text or describe(outcome.error),
-                                rolled_back=outcome.state == sandbox.state,
-                                ) from outcome.error
+            raise CommandFailed(
+                sandbox_id,
+                outcome.failed_step or "?",
+                outcome.state,
+                outcome.error_text or describe(outcome.error),
+                rolled_back=outcome.state == sandbox.state,
+            ) from outcome.error
         return copy.deepcopy(run.sandbox)
 
-    def _new_run(self, sandbox: SandboxState, command: str, actor: str,
-                 command_id: str | None, options: dict[str, Any],
-                 causation_id: str | None = None) -> CommandRun:
+    def _new_run(
+        self,
+        sandbox: SandboxState,
+        command: str,
+        actor: str,
+        command_id: str | None,
+        options: dict[str, Any],
+        causation_id: str | None = None,
+    ) -> CommandRun:
         spec = COMMANDS[command]
         ctx = StepContext(
-            sandbox=sandbox, drivers=self.drivers, settings=self.settings.lifecycle,
-            command=command, actor=actor,
+            sandbox=sandbox,
+            drivers=self.drivers,
+            settings=self.settings.lifecycle,
+            command=command,
+            actor=actor,
             log=logging.LoggerAdapter(log, {"sandbox_id": sandbox.id}),
             options=options,
         )
         ctx.free_slot = lambda: self._free_slot(ctx.refused_slots)
         ctx.remove_resource = self.remove_resource
         return CommandRun(
-            store=self.store, sandbox=sandbox, spec=spec,
+            store=self.store,
+            sandbox=sandbox,
+            spec=spec,
             pipeline=self.pipelines[command],
             metadata=self._metadata(actor, command_id, causation_id),
-            ctx=ctx, failpoints=self.failpoints, engine_instance=self.instance,
-            command_id=command_id, on_append=lambda s: self._notify(),
+            ctx=ctx,
+            failpoints=self.failpoints,
+            engine_instance=self.instance,
+            command_id=command_id,
+            on_append=lambda s: self._notify(),
         )
 
     def _check_allowed(self, sandbox: SandboxState, command: str) -> None:
         if sandbox.host_id != self.host_id:
             raise NotOwner(sandbox.id, sandbox.host_id, self.host_id)
         if sandbox.is_transient and sandbox.transition is not None:
-            raise SandboxBusy(sandbox.id, command,
-                              f"{sandbox.transition.name} ({sandbox.state})")
+            raise SandboxBusy(
+                sandbox.id, command, f"{sandbox.transition.name} ({sandbox.state})"
+            )
         if sandbox.state not in COMMANDS[command].sources:
-            raise InvalidTransition(sandbox.id, command, sandbox.state,
-                                    allowed_sources(command))
+            raise InvalidTransition(
+                sandbox.id, command, sandbox.state, allowed_sources(command)
+            )
 
     def _after_run(self, sandbox: SandboxState) -> None:
         """With the sandbox still held: record the VMM's monitor events and
@@ -383,8 +489,9 @@ class Engine:
         try:
             self.monitor.drain(sandbox, classify=False)
         except WrennError as exc:
-            log.warning("sandbox %s: could not record VMM events: %s", sandbox.id,
-                        describe(exc))
+            log.warning(
+                "sandbox %s: could not record VMM events: %s", sandbox.id, describe(exc)
+            )
         for worker in self._workers:
             after = getattr(worker, "after_command", None)
             if after is not None:
@@ -407,26 +514,40 @@ class Engine:
             self._holders.pop(sandbox_id, None)
             lock.release()
 
-    def try_hold(self, sandbox_id: str, what: str) -> contextlib.AbstractContextManager[None]:
+    def try_hold(
+        self, sandbox_id: str, what: str
+    ) -> contextlib.AbstractContextManager[None]:
         return self.hold(sandbox_id, what, wait=False)
 
-    def _replayed(self, command_id: str, sandbox_id: str,
-                  command: str) -> SandboxState | None:
+    def _replayed(
+        self, command_id: str, sandbox_id: str, command: str
+    ) -> SandboxState | None:
         record = self.store.command(command_id)
         if record is None:
             return None
         if record.stream_id != sandbox_id or record.command != command:
-            raise IdempotencyError(command_id, f"{record.command} {record.stream_id}",
-                                   f"{command} {sandbox_id}")
-        log.info("sandbox %s: command id %s was applied already; not acting twice",
-                 sandbox_id, command_id)
+            raise IdempotencyError(
+                command_id,
+                f"{record.command} {record.stream_id}",
+                f"{command} {sandbox_id}",
+            )
+        log.info(
+            "sandbox %s: command id %s was applied already; not acting twice",
+            sandbox_id,
+            command_id,
+        )
         return self.get(sandbox_id)
 
-    def _metadata(self, actor: str, command_id: str | None,
-                  causation_id: str | None = None) -> Metadata:
-        return Metadata(actor=actor, correlation_id=secrets.token_hex(8),
-                        causation_id=causation_id, command_id=command_id,
-                        host_id=self.host_id)
+    def _metadata(
+        self, actor: str, command_id: str | None, causation_id: str | None = None
+    ) -> Metadata:
+        return Metadata(
+            actor=actor,
+            correlation_id=secrets.token_hex(8),
+            causation_id=causation_id,
+            command_id=command_id,
+            host_id=self.host_id,
+        )
 
     def _notify(self) -> None:
         with self._changed:
@@ -440,14 +561,18 @@ class Engine:
             if slot in held or slot in refused:
                 continue
             if self.drivers.network.slot_in_use(slot):
-                log.warning("slot %d is free in the log but its links exist; "
-                            "skipping it until reconcile removes them", slot)
+                log.warning(
+                    "slot %d is free in the log but its links exist; "
+                    "skipping it until reconcile removes them",
+                    slot,
+                )
                 refused.add(slot)
                 continue
             return slot
         raise ConfigError(
-            "max_slots", f"all {self.settings.lifecycle.max_slots} network slots "
-            "are in use", hint="destroy sandboxes or raise LifecycleSettings.max_slots",
+            "max_slots",
+            f"all {self.settings.lifecycle.max_slots} network slots are in use",
+            hint="destroy sandboxes or raise LifecycleSettings.max_slots",
         )
 
     def remove_resource(self, kind: str, name: str) -> None:
@@ -466,11 +591,18 @@ class Engine:
         elif kind == "dir":
             paths.remove_sandbox_dir(name)
 
-    # --- config -------------------------------------------------------------------------
+    # --- config -----------------------------------------------------------------------
 
-    def _draft_config(self, base: VMConfig, sandbox_id: str, kernel_path: str,
-                      rootfs_path: str, vcpus: int, memory_mb: int,
-                      template_id: str) -> VMConfig:
+    def _draft_config(
+        self,
+        base: VMConfig,
+        sandbox_id: str,
+        kernel_path: str,
+        rootfs_path: str,
+        vcpus: int,
+        memory_mb: int,
+        template_id: str,
+    ) -> VMConfig:
         """The config as requested: the caller's fields plus the engine's layout."""
         from dataclasses import replace
 
@@ -490,9 +622,12 @@ class Engine:
             fields["network_namespace"] = self.drivers.network.plan(sandbox_id, 1).netns
         if self.settings.run_dir:
             run_dir = self.settings.run_dir
-            fields["sandbox_dir"] = base.sandbox_dir or os.path.join(run_dir, sandbox_id)
+            fields["sandbox_dir"] = base.sandbox_dir or os.path.join(
+                run_dir, sandbox_id
+            )
             fields["socket_path"] = base.socket_path or os.path.join(
-                run_dir, f"{sandbox_id}.sock")
+                run_dir, f"{sandbox_id}.sock"
+            )
         return replace(base, **fields)
 
     def _vmm_bin(self) -> str:
@@ -513,16 +648,21 @@ class Engine:
             if not os.path.isfile(path):
                 raise ConfigError(field_name, f"{path} is not a file", hint=hint)
             if not os.access(path, os.R_OK):
-                raise ConfigError(field_name, f"{path} is not readable",
-                                  hint="fix its permissions")
+                raise ConfigError(
+                    field_name, f"{path} is not readable", hint="fix its permissions"
+                )
         vmm = config.vmm_bin
         if not (os.path.isfile(vmm) and os.access(vmm, os.X_OK)):
             found = shutil.which("cloud-hypervisor")
             raise ConfigError(
-                "vmm_bin", f"{vmm} is not an executable file",
-                hint=(f"cloud-hypervisor is at {found}; pass it as the VMM binary"
-                      if found else "install cloud-hypervisor, or use the bundled "
-                      "simulator (--vmm simulator / EngineSettings(vmm='simulator'))"),
+                "vmm_bin",
+                f"{vmm} is not an executable file",
+                hint=(
+                    f"cloud-hypervisor is at {found}; pass it as the VMM binary"
+                    if found
+                    else "install cloud-hypervisor, or use the bundled "
+                    "simulator (--vmm simulator / EngineSettings(vmm='simulator'))"
+                ),
             )
 
 
@@ -536,8 +676,11 @@ def simulator_path() -> str:
     found = shutil.which("wrenn-ch-simulator")
     if found:
         return os.path.abspath(found)
-    raise ConfigError("vmm", "the wrenn-ch-simulator script is not installed",
-                      hint="reinstall wrenn-engine (pip install -e .)")
+    raise ConfigError(
+        "vmm",
+        "the wrenn-ch-simulator script is not installed",
+        hint="reinstall wrenn-engine (pip install -e .)",
+    )
 
 
 def real_drivers(settings: EngineSettings) -> HostDrivers:
@@ -557,5 +700,8 @@ def _check_timeout(value: float | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError("inactivity_timeout_s", f"{value!r} is not a positive "
-                          "number of seconds", limit="> 0, or None for no timeout")
+        raise ConfigError(
+            "inactivity_timeout_s",
+            f"{value!r} is not a positive number of seconds",
+            limit="> 0, or None for no timeout",
+        )

@@ -89,15 +89,23 @@ class Reconciler:
 
         step = record.steps[-1].step if record.steps else str(sandbox.state)
         options = {}
-        if record.name == "halt" and sandbox.facts.get("exit_reason") != "guest-shutdown":
+        if (
+            record.name == "halt"
+            and sandbox.facts.get("exit_reason") != "guest-shutdown"
+        ):
             options["land_in_error"] = f"{sandbox.facts.get('exit_reason')}"
         run = self.engine._new_run(sandbox, record.name, "system", None, options)
-        run.append(ev.ReconcileActed(
-            "recovering", detail=f"{record.name} interrupted at {step} "
-            f"(engine {record.engine} is gone)"))
+        run.append(
+            ev.ReconcileActed(
+                "recovering",
+                detail=f"{record.name} interrupted at {step} "
+                f"(engine {record.engine} is gone)",
+            )
+        )
         outcome = run.recover(step)
-        self._note(f"{sandbox.id}: {record.name} interrupted at {step}: now "
-                   f"{outcome.state}")
+        self._note(
+            f"{sandbox.id}: {record.name} interrupted at {step}: now {outcome.state}"
+        )
 
     def _running(self, sandbox: SandboxState) -> str | None:
         data = sandbox.facts.get("vmm")
@@ -106,14 +114,22 @@ class Reconciler:
         process = VmmProcess.from_dict(data)
         if self.engine.drivers.vmm.is_running(process):
             if not self._adopted_before(sandbox.id, process.pid):
-                self._append(sandbox, ev.ReconcileActed(
-                    "adopted", "vmm", str(process.pid),
-                    detail=f"engine {self.engine.instance} now watches it"))
+                self._append(
+                    sandbox,
+                    ev.ReconcileActed(
+                        "adopted",
+                        "vmm",
+                        str(process.pid),
+                        detail=f"engine {self.engine.instance} now watches it",
+                    ),
+                )
                 self._note(f"{sandbox.id}: adopted VMM pid {process.pid}")
             return None
         reason = "vmm-exited"
-        self._append(sandbox, ev.VmmExited(reason, process.pid, None,
-                                           "found not running by reconcile"))
+        self._append(
+            sandbox,
+            ev.VmmExited(reason, process.pid, None, "found not running by reconcile"),
+        )
         return reason
 
     def _adopted_before(self, sandbox_id: str, pid: int) -> bool:
@@ -121,8 +137,11 @@ class Reconciler:
         for event in reversed(self.store.read_stream(sandbox_id)):
             if event.type == "step.completed" and event.data["step"] == "vmm.launch":
                 return False
-            if (event.type == "reconcile.acted" and event.data["action"] == "adopted"
-                    and event.data["name"] == str(pid)):
+            if (
+                event.type == "reconcile.acted"
+                and event.data["action"] == "adopted"
+                and event.data["name"] == str(pid)
+            ):
                 return True
         return False
 
@@ -136,18 +155,26 @@ class Reconciler:
                 try:
                     driver.remove_leftover(kind, name)
                 except WrennError as exc:
-                    self._note(f"could not remove leftover {kind} {name}: "
-                               f"{describe(exc)}")
+                    self._note(
+                        f"could not remove leftover {kind} {name}: {describe(exc)}"
+                    )
                     continue
-                self._record_host(ev.ReconcileActed(
-                    "removed", kind, name, detail="held by no live sandbox"))
+                self._record_host(
+                    ev.ReconcileActed(
+                        "removed", kind, name, detail="held by no live sandbox"
+                    )
+                )
                 self._note(f"removed leftover {kind} {name}")
 
     # --- recording --------------------------------------------------------------------
 
     def _append(self, sandbox: SandboxState, event: ev.Event) -> None:
-        self.store.append(sandbox.id, [event.to_new()], expected_version=sandbox.version,
-                          metadata=Metadata("system", host_id=self.host_id))
+        self.store.append(
+            sandbox.id,
+            [event.to_new()],
+            expected_version=sandbox.version,
+            metadata=Metadata("system", host_id=self.host_id),
+        )
         sandbox.version += 1
 
     def _record_host(self, event: ev.Event) -> None:
@@ -155,8 +182,12 @@ class Reconciler:
         for _ in range(5):
             version = len(self.store.read_stream(stream))
             try:
-                self.store.append(stream, [event.to_new()], expected_version=version,
-                                  metadata=Metadata("system", host_id=self.host_id))
+                self.store.append(
+                    stream,
+                    [event.to_new()],
+                    expected_version=version,
+                    metadata=Metadata("system", host_id=self.host_id),
+                )
                 return
             except ConcurrencyError:
                 continue

@@ -39,8 +39,9 @@ class Worker:
         self.engine = engine
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"wrenn-{self.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"wrenn-{self.name}", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -55,8 +56,9 @@ class Worker:
             try:
                 self.tick()
             except Exception:  # a worker must outlive one bad tick; it says why
-                log.exception("%s: tick failed; trying again in %.1fs", self.name,
-                              self.interval)
+                log.exception(
+                    "%s: tick failed; trying again in %.1fs", self.name, self.interval
+                )
 
     def tick(self) -> None:
         raise NotImplementedError
@@ -95,8 +97,10 @@ class MonitorLog:
         for event in reversed(self.engine.store.read_stream(sandbox_id)):
             if event.type == "vmm.event_observed":
                 with self._lock:
-                    self._read[sandbox_id] = (event.data.get("pid"),
-                                              int(event.data.get("offset") or 0))
+                    self._read[sandbox_id] = (
+                        event.data.get("pid"),
+                        int(event.data.get("offset") or 0),
+                    )
                 return
 
     def drain(self, sandbox: SandboxState, classify: bool) -> str | None:
@@ -117,9 +121,17 @@ class MonitorLog:
         if items:
             self.engine.store.append(
                 sandbox.id,
-                [ev.VmmEventObserved(i.source, i.event, dict(i.properties),
-                                     i.secs + i.nanos / 1e9, pid, new_offset).to_new()
-                 for i in items],
+                [
+                    ev.VmmEventObserved(
+                        i.source,
+                        i.event,
+                        dict(i.properties),
+                        i.secs + i.nanos / 1e9,
+                        pid,
+                        new_offset,
+                    ).to_new()
+                    for i in items
+                ],
                 expected_version=sandbox.version,
                 metadata=Metadata("system", host_id=self.engine.host_id),
             )
@@ -180,7 +192,8 @@ class VmmWatcher(Worker):
         code = None if alive else self.engine.drivers.vmm.wait_exit(process, 0)
         reason = reason or "vmm-exited"
         self.engine.store.append(
-            sandbox.id, [ev.VmmExited(reason, process.pid, code).to_new()],
+            sandbox.id,
+            [ev.VmmExited(reason, process.pid, code).to_new()],
             expected_version=sandbox.version,
             metadata=Metadata("system", host_id=self.engine.host_id),
         )
@@ -192,8 +205,12 @@ class VmmWatcher(Worker):
         try:
             self.engine.halt(sandbox_id, reason, wait=True)
         except WrennError as exc:
-            log.warning("sandbox %s: halt after %s failed: %s", sandbox_id, reason,
-                        describe(exc))
+            log.warning(
+                "sandbox %s: halt after %s failed: %s",
+                sandbox_id,
+                reason,
+                describe(exc),
+            )
 
 
 class InactivityWorker(Worker):
@@ -204,8 +221,9 @@ class InactivityWorker(Worker):
 
     def tick(self) -> None:
         now = datetime.now(UTC)
-        for sandbox in self.engine.list(states=[State.RUNNING],
-                                        host_id=self.engine.host_id):
+        for sandbox in self.engine.list(
+            states=[State.RUNNING], host_id=self.engine.host_id
+        ):
             timeout = sandbox.inactivity_timeout_s
             last = sandbox.last_activity_at
             if timeout is None or last is None:
@@ -214,8 +232,12 @@ class InactivityWorker(Worker):
                 continue
             try:
                 self.engine.pause(sandbox.id, actor="system")
-                log.info("sandbox %s: paused after %.0fs without activity", sandbox.id,
-                         timeout)
+                log.info(
+                    "sandbox %s: paused after %.0fs without activity",
+                    sandbox.id,
+                    timeout,
+                )
             except WrennError as exc:
-                log.warning("sandbox %s: inactivity pause failed: %s", sandbox.id,
-                            describe(exc))
+                log.warning(
+                    "sandbox %s: inactivity pause failed: %s", sandbox.id, describe(exc)
+                )

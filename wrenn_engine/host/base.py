@@ -83,8 +83,7 @@ class RootfsDriver(Protocol):
         """(kind, name) of rootfs objects this engine made that ``known`` omits."""
         ...
 
-    def remove_leftover(self, kind: str, name: str) -> None:
-        ...
+    def remove_leftover(self, kind: str, name: str) -> None: ...
 
 
 # --- network ----------------------------------------------------------------------
@@ -142,8 +141,7 @@ class NetworkDriver(Protocol):
         ``known`` (a set of ``"kind:name"``)."""
         ...
 
-    def remove_leftover(self, kind: str, name: str) -> None:
-        ...
+    def remove_leftover(self, kind: str, name: str) -> None: ...
 
 
 # --- vmm --------------------------------------------------------------------------
@@ -246,8 +244,7 @@ class VmmDriver(Protocol):
         """("vmm", pid) of VMM processes this engine started not in ``known``."""
         ...
 
-    def remove_leftover(self, kind: str, name: str) -> None:
-        ...
+    def remove_leftover(self, kind: str, name: str) -> None: ...
 
 
 @dataclass(slots=True)

@@ -61,8 +61,15 @@ class FakeHost:
         self._pids = itertools.count(next_pid)
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"objects": sorted(self.objects), "vms": self.vms,
-                       "vmm_sockets": self.vmm_sockets, "next_pid": next_pid}, f)
+            json.dump(
+                {
+                    "objects": sorted(self.objects),
+                    "vms": self.vms,
+                    "vmm_sockets": self.vmm_sockets,
+                    "next_pid": next_pid,
+                },
+                f,
+            )
         os.replace(tmp, self.path)
 
     def fail(self, method: str, error: BaseException | None = None) -> None:
@@ -103,8 +110,8 @@ class _Leftovers:
     def leftovers(self, known: set[str]) -> list[tuple[str, str]]:
         with self.host.lock:
             found = sorted(self.host.objects - known)
-        return [tuple(k.split(":", 1)) for k in found  # type: ignore[misc]
-                if k.split(":", 1)[0] in self.kinds]
+        pairs = [key.split(":", 1) for key in found]
+        return [(kind, name) for kind, name in pairs if kind in self.kinds]
 
     def remove_leftover(self, kind: str, name: str) -> None:
         self.host.discard(kind, name)
@@ -153,9 +160,14 @@ class FakeNetwork(_Leftovers):
 
     def plan(self, sandbox_id: str, slot: int) -> NetworkPlan:
         return NetworkPlan(
-            sandbox_id=sandbox_id, slot=slot, netns=f"{self.prefix}-{sandbox_id}",
-            host_veth=f"wr{slot}h", ns_veth=f"wr{slot}p", tap="tap0",
-            tap_cidr="169.254.0.22/30", guest_ip="169.254.0.21",
+            sandbox_id=sandbox_id,
+            slot=slot,
+            netns=f"{self.prefix}-{sandbox_id}",
+            host_veth=f"wr{slot}h",
+            ns_veth=f"wr{slot}p",
+            tap="tap0",
+            tap_cidr="169.254.0.22/30",
+            guest_ip="169.254.0.21",
             host_veth_cidr=f"10.200.{slot // 64}.{(slot % 64) * 4 + 1}/30",
             ns_veth_cidr=f"10.200.{slot // 64}.{(slot % 64) * 4 + 2}/30",
             host_reachable_ip=f"10.201.{slot // 256}.{slot % 256}",
@@ -169,8 +181,11 @@ class FakeNetwork(_Leftovers):
         self.host._call("network.prepare")
         made: list[tuple[str, str]] = []
         try:
-            for kind, name in (("netns", plan.netns), ("veth", plan.host_veth),
-                               ("nft_table", plan.nft_table)):
+            for kind, name in (
+                ("netns", plan.netns),
+                ("veth", plan.host_veth),
+                ("nft_table", plan.nft_table),
+            ):
                 self.host.add(kind, name)
                 made.append((kind, name))
                 self.host._call(f"network.prepare.{kind}")
@@ -181,8 +196,11 @@ class FakeNetwork(_Leftovers):
 
     def teardown(self, plan: NetworkPlan) -> None:
         self.host._call("network.teardown")
-        for kind, name in (("nft_table", plan.nft_table), ("veth", plan.host_veth),
-                           ("netns", plan.netns)):
+        for kind, name in (
+            ("nft_table", plan.nft_table),
+            ("veth", plan.host_veth),
+            ("netns", plan.netns),
+        ):
             self.host.discard(kind, name)
 
 
@@ -202,8 +220,9 @@ class FakeVmm(_Leftovers):
             self.host._save()
         return VmmProcess(pid, pid * 10, ("fake-vmm", spec.socket_path))
 
-    def _vm(self, socket_path: str, method: str, expect: tuple[str, ...],
-            then: str) -> None:
+    def _vm(
+        self, socket_path: str, method: str, expect: tuple[str, ...], then: str
+    ) -> None:
         self.host._call(method)
         with self.host.lock:
             state = self.host.vms.get(socket_path)

@@ -51,7 +51,10 @@ _MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
-    ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
     ctypes.c_void_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -176,8 +179,9 @@ class Task(Generic[T]):
         self._func = func
         self._result: list[T] = []
         self._failure: list[BaseException] = []
-        self._thread = threading.Thread(target=self._body, name=thread_name,
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._body, name=thread_name, daemon=True
+        )
         self._thread.start()
 
     def join(self) -> T:
@@ -225,8 +229,7 @@ def _unshare_and_bind(target: str) -> None:
     source = b"/proc/thread-self/ns/net"
     if _libc.mount(source, target.encode(), b"none", _MS_BIND, None) != 0:
         code = ctypes.get_errno()
-        raise OSError(code, f"bind mount of the namespace: {os.strerror(code)}",
-                      target)
+        raise OSError(code, f"bind mount of the namespace: {os.strerror(code)}", target)
 
 
 def _prepare_rundir() -> None:

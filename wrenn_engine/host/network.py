@@ -122,12 +122,14 @@ class NetworkSettings:
         for field, pool in (("veth_pool", veth), ("host_reachable_pool", reachable)):
             if pool.overlaps(GUEST_NETWORK):
                 raise ConfigError(
-                    field, f"{pool} overlaps the guest network {GUEST_NETWORK}",
+                    field,
+                    f"{pool} overlaps the guest network {GUEST_NETWORK}",
                     hint="choose a private range such as 10.200.0.0/16",
                 )
         if veth.overlaps(reachable):
             raise ConfigError(
-                "host_reachable_pool", f"{reachable} overlaps veth_pool {veth}",
+                "host_reachable_pool",
+                f"{reachable} overlaps veth_pool {veth}",
                 hint="give the two pools separate ranges",
             )
 
@@ -138,7 +140,8 @@ class NetworkSettings:
             or not 1 <= self.max_slots <= capacity
         ):
             raise ConfigError(
-                "max_slots", f"{self.max_slots!r} does not fit the address pools",
+                "max_slots",
+                f"{self.max_slots!r} does not fit the address pools",
                 limit=f"1 to {capacity} (the pools hold that many slots)",
                 hint="lower max_slots or widen veth_pool and host_reachable_pool",
             )
@@ -147,7 +150,8 @@ class NetworkSettings:
         room = IFNAME_MAX - longest - 2
         if not PREFIX_RE.match(self.prefix) or len(self.prefix) > room:
             raise ConfigError(
-                "prefix", f"{self.prefix!r} cannot start this engine's names",
+                "prefix",
+                f"{self.prefix!r} cannot start this engine's names",
                 limit=f"1 to {room} characters of a-z and 0-9, starting with a "
                 f"letter (interface names are at most {IFNAME_MAX} bytes and "
                 f"slot numbers reach {self.max_slots - 1})",
@@ -156,7 +160,8 @@ class NetworkSettings:
 
         if not IFNAME_RE.match(self.tap) or len(self.tap.encode()) > IFNAME_MAX:
             raise ConfigError(
-                "tap", f"{self.tap!r} is not a valid interface name",
+                "tap",
+                f"{self.tap!r} is not a valid interface name",
                 limit=f"1 to {IFNAME_MAX} bytes of letters, digits, '.', '-', '_'",
             )
 
@@ -164,8 +169,9 @@ class NetworkSettings:
             try:
                 netns.check_name(self.host_netns)
             except ValueError as exc:
-                raise ConfigError("host_netns", str(exc),
-                                  hint="name an existing namespace or None") from exc
+                raise ConfigError(
+                    "host_netns", str(exc), hint="name an existing namespace or None"
+                ) from exc
 
 
 class LinuxNetworkDriver:
@@ -246,8 +252,11 @@ class LinuxNetworkDriver:
         sandbox_rules: netns.Task[None] | None = None
 
         def delete_table() -> None:
-            self._in_host(plan, "delete table",
-                          lambda: nft.delete_table(NFT_FAMILY, plan.nft_table))
+            self._in_host(
+                plan,
+                "delete table",
+                lambda: nft.delete_table(NFT_FAMILY, plan.nft_table),
+            )
 
         try:
             self._create_namespace(plan)
@@ -256,20 +265,29 @@ class LinuxNetworkDriver:
             # Rules name interfaces only by name, so both nft processes load
             # them in the background while the links are made.
             with _translated(plan, "install host rules"):
-                host_rules = netns.start_in(self.settings.host_netns,
-                                            lambda: self._install_host_rules(plan))
+                host_rules = netns.start_in(
+                    self.settings.host_netns, lambda: self._install_host_rules(plan)
+                )
             with _translated(plan, "install namespace rules"):
                 sandbox_rules = nft.start_apply(_sandbox_ruleset(plan), plan.netns)
 
             self._in_host(plan, "create veth", lambda: self._create_veth(plan))
-            undo.append(("delete veth", lambda: self._in_host(
-                plan, "delete veth", lambda: _delete_link(plan.host_veth))))
+            undo.append(
+                (
+                    "delete veth",
+                    lambda: self._in_host(
+                        plan, "delete veth", lambda: _delete_link(plan.host_veth)
+                    ),
+                )
+            )
 
-            self._in_sandbox(plan, "configure namespace",
-                             lambda: self._configure_sandbox(plan))
+            self._in_sandbox(
+                plan, "configure namespace", lambda: self._configure_sandbox(plan)
+            )
 
-            self._in_host(plan, "configure host side",
-                          lambda: self._configure_host(plan))
+            self._in_host(
+                plan, "configure host side", lambda: self._configure_host(plan)
+            )
 
             with _translated(plan, "install namespace rules"):
                 sandbox_rules.join()
@@ -286,9 +304,13 @@ class LinuxNetworkDriver:
             raise
 
         self._check_host_forwarding(plan)
-        log.info("sandbox %s: network prepared on slot %d (netns %s) in %.1f ms",
-                 plan.sandbox_id, plan.slot, plan.netns,
-                 (time.perf_counter() - started) * 1000)
+        log.info(
+            "sandbox %s: network prepared on slot %d (netns %s) in %.1f ms",
+            plan.sandbox_id,
+            plan.slot,
+            plan.netns,
+            (time.perf_counter() - started) * 1000,
+        )
 
     # --- teardown ---------------------------------------------------------------
 
@@ -314,7 +336,8 @@ class LinuxNetworkDriver:
             with _translated(plan, "delete table"):
                 table = netns.start_in(
                     self.settings.host_netns,
-                    lambda: nft.delete_table(NFT_FAMILY, plan.nft_table))
+                    lambda: nft.delete_table(NFT_FAMILY, plan.nft_table),
+                )
         except WrennError as exc:
             failures.append(exc)
 
@@ -331,8 +354,9 @@ class LinuxNetworkDriver:
         except WrennError as exc:
             failures.append(exc)
 
-        survivors = self._in_host(plan, "check host side",
-                                  lambda: self._host_survivors(plan))
+        survivors = self._in_host(
+            plan, "check host side", lambda: self._host_survivors(plan)
+        )
         if netns.exists(plan.netns) or plan.netns in netns.names():
             survivors.append(f"netns:{plan.netns}")
 
@@ -349,8 +373,12 @@ class LinuxNetworkDriver:
                 "(`ip netns pids`, `ip link`, `nft list tables`) and run "
                 "`wrenn-engine reconcile`."
             )
-        log.info("sandbox %s: network torn down on slot %d in %.1f ms",
-                 plan.sandbox_id, plan.slot, (time.perf_counter() - started) * 1000)
+        log.info(
+            "sandbox %s: network torn down on slot %d in %.1f ms",
+            plan.sandbox_id,
+            plan.slot,
+            (time.perf_counter() - started) * 1000,
+        )
 
     # --- reconcile --------------------------------------------------------------
 
@@ -364,7 +392,8 @@ class LinuxNetworkDriver:
                 links = [link.get("ifname") for link in ipr.link("dump")]
             tables = nft.list_tables()
             return [("veth", name) for name in links if self._link_re.match(name)] + [
-                ("nft_table", name) for family, name in tables
+                ("nft_table", name)
+                for family, name in tables
                 if family == NFT_FAMILY and self._table_re.match(name)
             ]
 
@@ -378,14 +407,18 @@ class LinuxNetworkDriver:
         this engine's prefix did not make.
         """
         if kind not in KINDS:
-            raise ConfigError("kind", f"{kind!r} is not a network resource kind",
-                              limit=", ".join(KINDS))
+            raise ConfigError(
+                "kind",
+                f"{kind!r} is not a network resource kind",
+                limit=", ".join(KINDS),
+            )
         if kind == "slot":
             return
 
         if not self._owns(kind, name):
             raise ConfigError(
-                "name", f"{kind} {name!r} was not made by this engine",
+                "name",
+                f"{kind} {name!r} was not made by this engine",
                 limit=f"names starting with {self.settings.prefix!r}-",
                 hint="remove it by hand if it is really stale",
             )
@@ -393,11 +426,13 @@ class LinuxNetworkDriver:
         if kind == "netns":
             self._remove_leftover_netns(name)
         elif kind == "veth":
-            self._in_host(None, f"remove veth {name}",
-                          lambda: self._remove_leftover_link(name))
+            self._in_host(
+                None, f"remove veth {name}", lambda: self._remove_leftover_link(name)
+            )
         else:
-            self._in_host(None, f"remove table {name}",
-                          lambda: self._remove_leftover_table(name))
+            self._in_host(
+                None, f"remove table {name}", lambda: self._remove_leftover_table(name)
+            )
         log.info("network leftover %s %s removed", kind, name)
 
     # --- steps ------------------------------------------------------------------
@@ -416,10 +451,16 @@ class LinuxNetworkDriver:
         it succeeds never has to guess whether the link is this call's."""
         ns_fd = netns.open_fd(plan.netns)
         try:
-            with IPRoute() as ipr, _translated(plan, "create veth",
-                                               busy=("veth", plan.host_veth)):
-                ipr.link("add", ifname=plan.host_veth, kind="veth",
-                         peer={"ifname": plan.ns_veth, "net_ns_fd": ns_fd})
+            with (
+                IPRoute() as ipr,
+                _translated(plan, "create veth", busy=("veth", plan.host_veth)),
+            ):
+                ipr.link(
+                    "add",
+                    ifname=plan.host_veth,
+                    kind="veth",
+                    peer={"ifname": plan.ns_veth, "net_ns_fd": ns_fd},
+                )
         finally:
             os.close(ns_fd)
 
@@ -440,8 +481,13 @@ class LinuxNetworkDriver:
 
             # A persistent single-queue TAP with the flags cloud-hypervisor
             # asks for; a VMM running as root in the namespace attaches to it.
-            ipr.link("add", ifname=plan.tap, kind="tuntap", mode="tap",
-                     ifr={"no_pi": 1, "vnet_hdr": 1})
+            ipr.link(
+                "add",
+                ifname=plan.tap,
+                kind="tuntap",
+                mode="tap",
+                ifr={"no_pi": 1, "vnet_hdr": 1},
+            )
             tap = _require_link(ipr, plan.tap)
             ipr.addr("add", index=tap, address=tap_ip, prefixlen=tap_prefixlen)
             ipr.link("set", index=tap, state="up")
@@ -459,8 +505,9 @@ class LinuxNetworkDriver:
             index = _require_link(ipr, plan.host_veth)
             ipr.addr("add", index=index, address=host_ip, prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
-            ipr.route("add", dst=f"{plan.host_reachable_ip}/32", gateway=ns_ip,
-                      oif=index)
+            ipr.route(
+                "add", dst=f"{plan.host_reachable_ip}/32", gateway=ns_ip, oif=index
+            )
 
         if self.settings.host_netns is not None:
             _write_sysctl(FORWARD_SYSCTL, "1")
@@ -471,9 +518,11 @@ class LinuxNetworkDriver:
             nft.apply(_host_ruleset(plan))
         except HostCommandError as exc:
             if "File exists" in exc.stderr:
-                raise ResourceBusy("nft_table", plan.nft_table,
-                                   f"slot {plan.slot}, sandbox {plan.sandbox_id}"
-                                   ) from exc
+                raise ResourceBusy(
+                    "nft_table",
+                    plan.nft_table,
+                    f"slot {plan.slot}, sandbox {plan.sandbox_id}",
+                ) from exc
             raise
 
     def _host_survivors(self, plan: NetworkPlan) -> list[str]:
@@ -494,21 +543,27 @@ class LinuxNetworkDriver:
         except OSError as exc:
             raise _failure(None, f"remove namespace {name}", exc) from exc
         if netns.exists(name):
-            raise HostError(f"network namespace {name} is still there after its "
-                            "removal; check `ip netns list` and `mount`.")
+            raise HostError(
+                f"network namespace {name} is still there after its "
+                "removal; check `ip netns list` and `mount`."
+            )
 
     def _remove_leftover_link(self, name: str) -> None:
         _delete_link(name)
         with IPRoute() as ipr:
             if _link_index(ipr, name) is not None:
-                raise HostError(f"link {name} is still there after its deletion; "
-                                "check `ip link show`.")
+                raise HostError(
+                    f"link {name} is still there after its deletion; "
+                    "check `ip link show`."
+                )
 
     def _remove_leftover_table(self, name: str) -> None:
         nft.delete_table(NFT_FAMILY, name)
         if (NFT_FAMILY, name) in nft.list_tables():
-            raise HostError(f"nftables table {NFT_FAMILY} {name} is still there "
-                            "after its deletion; check `nft list tables`.")
+            raise HostError(
+                f"nftables table {NFT_FAMILY} {name} is still there "
+                "after its deletion; check `nft list tables`."
+            )
 
     # --- helpers ----------------------------------------------------------------
 
@@ -518,22 +573,33 @@ class LinuxNetworkDriver:
     def _in_sandbox(self, plan: NetworkPlan, step: str, func: Callable[[], T]) -> T:
         return _run_in(plan.netns, plan, step, func)
 
-    def _undo(self, plan: NetworkPlan, undo: list[tuple[str, Callable[[], None]]],
-              exc: BaseException) -> None:
+    def _undo(
+        self,
+        plan: NetworkPlan,
+        undo: list[tuple[str, Callable[[], None]]],
+        exc: BaseException,
+    ) -> None:
         for name, action in reversed(undo):
             try:
                 action()
             except Exception as undo_exc:
-                log.warning("sandbox %s: network undo %r failed: %s",
-                            plan.sandbox_id, name, undo_exc)
+                log.warning(
+                    "sandbox %s: network undo %r failed: %s",
+                    plan.sandbox_id,
+                    name,
+                    undo_exc,
+                )
                 exc.add_note(f"undo {name!r} also failed: {undo_exc}")
 
     def _check_slot(self, slot: int) -> None:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not (
-            0 <= slot < self.settings.max_slots
+        if (
+            isinstance(slot, bool)
+            or not isinstance(slot, int)
+            or not (0 <= slot < self.settings.max_slots)
         ):
             raise ConfigError(
-                "slot", f"{slot!r} is not a network slot of this engine",
+                "slot",
+                f"{slot!r} is not a network slot of this engine",
                 limit=f"0 to {self.settings.max_slots - 1}",
             )
 
@@ -575,7 +641,8 @@ class LinuxNetworkDriver:
             log.warning(
                 "sandbox %s: net.ipv4.ip_forward is 0 in the host namespace, so "
                 "guests cannot reach beyond the host; enable it (sysctl -w "
-                "net.ipv4.ip_forward=1)", plan.sandbox_id,
+                "net.ipv4.ip_forward=1)",
+                plan.sandbox_id,
             )
 
 
@@ -629,15 +696,17 @@ def _sandbox_ruleset(plan: NetworkPlan) -> str:
 # --- module helpers -----------------------------------------------------------
 
 
-def _run_in(namespace: str | None, plan: NetworkPlan | None, step: str,
-            func: Callable[[], T]) -> T:
+def _run_in(
+    namespace: str | None, plan: NetworkPlan | None, step: str, func: Callable[[], T]
+) -> T:
     with _translated(plan, step):
         return netns.run_in(namespace, func)
 
 
 @contextmanager
-def _translated(plan: NetworkPlan | None, step: str,
-                busy: tuple[str, str] | None = None) -> Iterator[None]:
+def _translated(
+    plan: NetworkPlan | None, step: str, busy: tuple[str, str] | None = None
+) -> Iterator[None]:
     """Turn netlink and OS errors into the engine's, chained to the cause.
 
     ``busy`` names the object whose "already exists" means ResourceBusy.
@@ -735,12 +804,16 @@ def _parse_pool(field: str, value: str) -> IPv4Network:
         pool = IPv4Network(value, strict=True)
     except (ValueError, TypeError) as exc:
         raise ConfigError(
-            field, f"{value!r} is not an IPv4 network",
+            field,
+            f"{value!r} is not an IPv4 network",
             limit="a CIDR with no host bits set, e.g. 10.200.0.0/16",
         ) from exc
     if pool.prefixlen > VETH_PREFIXLEN:
-        raise ConfigError(field, f"{pool} is too small",
-                          limit=f"a prefix length of at most /{VETH_PREFIXLEN}")
+        raise ConfigError(
+            field,
+            f"{pool} is too small",
+            limit=f"a prefix length of at most /{VETH_PREFIXLEN}",
+        )
     return pool
 
 
@@ -755,7 +828,8 @@ def _reachable_capacity(pool: IPv4Network) -> int:
 def _check_sandbox_id(sandbox_id: str) -> None:
     if len(sandbox_id) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.match(sandbox_id):
         raise ConfigError(
-            "sandbox_id", f"{sandbox_id!r} is not a valid sandbox id",
+            "sandbox_id",
+            f"{sandbox_id!r} is not a valid sandbox id",
             limit=f"1 to {SANDBOX_ID_MAX} characters of a-z, 0-9, '-' and '_'",
         )
 
@@ -770,22 +844,29 @@ def _check_plan(plan: NetworkPlan) -> None:
     for field in ("host_veth", "ns_veth", "tap"):
         value = getattr(plan, field)
         if not IFNAME_RE.match(value) or len(value.encode()) > IFNAME_MAX:
-            raise ConfigError(field, f"{value!r} is not a valid interface name",
-                              limit=f"at most {IFNAME_MAX} bytes")
+            raise ConfigError(
+                field,
+                f"{value!r} is not a valid interface name",
+                limit=f"at most {IFNAME_MAX} bytes",
+            )
     if not nft.TABLE_NAME_RE.match(plan.nft_table):
         raise ConfigError(
-            "nft_table", f"{plan.nft_table!r} is not a table name",
+            "nft_table",
+            f"{plan.nft_table!r} is not a table name",
             limit="letters, digits, '.', '-', '_', starting with a letter",
         )
     for field in ("tap_cidr", "host_veth_cidr", "ns_veth_cidr"):
         try:
             ipaddress.IPv4Interface(getattr(plan, field))
         except ValueError as exc:
-            raise ConfigError(field, f"{getattr(plan, field)!r} is not an IPv4 "
-                              "address with a prefix length") from exc
+            raise ConfigError(
+                field,
+                f"{getattr(plan, field)!r} is not an IPv4 address with a prefix length",
+            ) from exc
     for field in ("guest_ip", "host_reachable_ip"):
         try:
             IPv4Address(getattr(plan, field))
         except ValueError as exc:
-            raise ConfigError(field, f"{getattr(plan, field)!r} is not an IPv4 "
-                              "address") from exc
+            raise ConfigError(
+                field, f"{getattr(plan, field)!r} is not an IPv4 address"
+            ) from exc

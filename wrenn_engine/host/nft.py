@@ -71,7 +71,8 @@ def delete_table(family: str, name: str, namespace: str | None = None) -> None:
     """
     if family not in FAMILIES.values() or not TABLE_NAME_RE.match(name):
         raise ConfigError(
-            "table", f"{family} {name!r} is not an nftables table",
+            "table",
+            f"{family} {name!r} is not an nftables table",
             limit=f"family one of {', '.join(FAMILIES.values())}; a name of "
             "letters, digits, '.', '-', '_', starting with a letter",
         )
@@ -95,8 +96,9 @@ def _in(namespace: str | None, argv: Sequence[str], func: Callable[[], T]) -> T:
         raise _namespace_error(namespace, argv, exc) from exc
 
 
-def _namespace_error(namespace: str | None, argv: Sequence[str],
-                     exc: OSError) -> HostError:
+def _namespace_error(
+    namespace: str | None, argv: Sequence[str], exc: OSError
+) -> HostError:
     return HostError(
         f"cannot run `{' '.join(argv)}` in network namespace {namespace}: "
         f"{exc.strerror or exc}; check that the namespace exists "
@@ -114,8 +116,12 @@ def _run(namespace: str | None, argv: Sequence[str], stdin: str) -> None:
     shown = _shown(namespace, argv)
     try:
         done = subprocess.run(
-            list(argv), input=stdin, capture_output=True, text=True,
-            timeout=TIMEOUT, check=False,
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
         )
     except FileNotFoundError as exc:
         raise HostCommandError(

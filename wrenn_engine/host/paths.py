@@ -137,7 +137,8 @@ class SandboxPaths:
         _check_plain_path("sandbox_dir", self.sandbox_dir)
         if self.sandbox_dir == "/":
             raise ConfigError(
-                "sandbox_dir", "is the root directory",
+                "sandbox_dir",
+                "is the root directory",
                 hint="give each sandbox a directory of its own, e.g. /tmp/ch-vm-<id>",
             )
 
@@ -145,7 +146,8 @@ class SandboxPaths:
             _check_plain_path(field, value)
             if os.path.dirname(value) != self.sandbox_dir:
                 raise ConfigError(
-                    field, f"{value!r} is not directly inside {self.sandbox_dir!r}",
+                    field,
+                    f"{value!r} is not directly inside {self.sandbox_dir!r}",
                     hint="derived paths must stay in the sandbox directory",
                 )
 
@@ -154,7 +156,8 @@ class SandboxPaths:
             size = len(self.socket_path.encode())
             if size > UNIX_SOCKET_PATH_MAX:
                 raise ConfigError(
-                    "socket_path", f"{self.socket_path!r} is {size} bytes long",
+                    "socket_path",
+                    f"{self.socket_path!r} is {size} bytes long",
                     limit=f"{UNIX_SOCKET_PATH_MAX} bytes for a unix socket path",
                     hint="use a shorter directory or sandbox id",
                 )
@@ -202,20 +205,26 @@ class SandboxPaths:
 
 def _check_plain_path(field: str, value: str) -> None:
     if not value.startswith("/"):
-        raise ConfigError(field, f"{value!r} is not an absolute path",
-                          hint="give the full path, starting with '/'")
+        raise ConfigError(
+            field,
+            f"{value!r} is not an absolute path",
+            hint="give the full path, starting with '/'",
+        )
     if "\x00" in value:
-        raise ConfigError(field, f"{value!r} contains a NUL byte",
-                          hint="give a plain absolute path")
+        raise ConfigError(
+            field, f"{value!r} contains a NUL byte", hint="give a plain absolute path"
+        )
     if os.path.normpath(value) != value:
         raise ConfigError(
-            field, f"{value!r} is not in normal form",
+            field,
+            f"{value!r} is not in normal form",
             limit="no '.', '..', '//' or trailing '/'",
             hint=f"write it as {os.path.normpath(value)!r}",
         )
     if "," in value or "=" in value:
         raise ConfigError(
-            field, f"{value!r} contains ',' or '='",
+            field,
+            f"{value!r} contains ',' or '='",
             limit="no ',' or '=' (the VMM's option syntax uses them)",
             hint="choose another directory",
         )
@@ -277,8 +286,7 @@ def _refusal(path: str, name: str, parent_fd: int, exc: OSError) -> HostError:
             "it or choose another sandbox_dir."
         )
     return HostError(
-        f"cannot open sandbox directory {path}: {exc.strerror}; check its "
-        "permissions."
+        f"cannot open sandbox directory {path}: {exc.strerror}; check its permissions."
     )
 
 

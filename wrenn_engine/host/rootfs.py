@@ -119,23 +119,32 @@ class RootfsSettings:
     def __post_init__(self) -> None:
         if self.strategy not in (AUTO, *STRATEGIES):
             raise ConfigError(
-                "rootfs.strategy", f"{self.strategy!r} is not a rootfs strategy",
+                "rootfs.strategy",
+                f"{self.strategy!r} is not a rootfs strategy",
                 limit=", ".join((AUTO, *STRATEGIES)),
             )
         if self.cow_size_bytes < 0 or self.cow_size_bytes % 512:
             raise ConfigError(
-                "rootfs.cow_size_bytes", f"{self.cow_size_bytes} is not usable",
+                "rootfs.cow_size_bytes",
+                f"{self.cow_size_bytes} is not usable",
                 limit="0 (size from the template) or a positive multiple of 512",
             )
         if not self.work_dir.startswith("/"):
-            raise ConfigError("rootfs.work_dir", f"{self.work_dir!r} is not absolute",
-                              hint="give the full path, starting with '/'")
+            raise ConfigError(
+                "rootfs.work_dir",
+                f"{self.work_dir!r} is not absolute",
+                hint="give the full path, starting with '/'",
+            )
         if self.min_free_bytes < 0:
-            raise ConfigError("rootfs.min_free_bytes", "is negative",
-                              limit="0 or more bytes")
+            raise ConfigError(
+                "rootfs.min_free_bytes", "is negative", limit="0 or more bytes"
+            )
         if not self.dm_prefix or "/" in self.dm_prefix or len(self.dm_prefix) > 32:
-            raise ConfigError("rootfs.dm_prefix", f"{self.dm_prefix!r} is not usable",
-                              limit="1 to 32 characters without '/'")
+            raise ConfigError(
+                "rootfs.dm_prefix",
+                f"{self.dm_prefix!r} is not usable",
+                limit="1 to 32 characters without '/'",
+            )
         if self.command_timeout <= 0:
             raise ConfigError("rootfs.command_timeout", "must be positive")
 
@@ -177,14 +186,21 @@ def run_command(argv: Sequence[str], timeout: float = 60.0) -> str:
     env = {**os.environ, "LC_ALL": "C"}
     try:
         done = subprocess.run(
-            list(argv), capture_output=True, text=True, check=True,
-            timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+            list(argv),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
         )
     except subprocess.CalledProcessError as exc:
         raise HostCommandError(argv, exc.returncode, exc.stderr or "") from exc
     except FileNotFoundError as exc:
         raise HostCommandError(
-            argv, 127, f"{argv[0]} is not installed or not on PATH "
+            argv,
+            127,
+            f"{argv[0]} is not installed or not on PATH "
             "(make system-deps installs the host tools)",
         ) from exc
     except subprocess.TimeoutExpired as exc:
@@ -273,7 +289,8 @@ def _new_file(path: str) -> Iterator[int]:
     failing fsync or close, the file is unlinked before the error goes on.
     """
     fd = os.open(
-        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        path,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
         0o600,
     )
     try:
@@ -383,8 +400,11 @@ def _canonical(path: str) -> str:
 class LinuxRootfsDriver:
     """The :class:`~wrenn_engine.host.base.RootfsDriver` for Linux hosts."""
 
-    def __init__(self, settings: RootfsSettings | None = None,
-                 runner: CommandRunner | None = None) -> None:
+    def __init__(
+        self,
+        settings: RootfsSettings | None = None,
+        runner: CommandRunner | None = None,
+    ) -> None:
         self.settings = settings or RootfsSettings()
         timeout = self.settings.command_timeout
 
@@ -411,15 +431,19 @@ class LinuxRootfsDriver:
         regular file, or a configured strategy this host cannot run.
         """
         if len(sandbox_id) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.match(sandbox_id):
-            raise ConfigError("sandbox_id", f"{sandbox_id!r} is not a valid id",
-                              limit="a-z, 0-9, '-' and '_', at most 63 characters")
+            raise ConfigError(
+                "sandbox_id",
+                f"{sandbox_id!r} is not a valid id",
+                limit="a-z, 0-9, '-' and '_', at most 63 characters",
+            )
         template = self._template_size(template_path)
         strategy = self.strategy()
         if self.settings.strategy != AUTO:
             problem = strategy_unavailable(strategy)
             if problem:
                 raise ConfigError(
-                    "rootfs.strategy", f"{strategy} cannot run here: {problem}",
+                    "rootfs.strategy",
+                    f"{strategy} cannot run here: {problem}",
                     hint="use strategy auto, or install what is missing",
                 )
         cow_path = SandboxPaths(sandbox_dir).cow_file
@@ -428,19 +452,32 @@ class LinuxRootfsDriver:
             dm_name = f"{self.settings.dm_prefix}{sandbox_id}"
             cow_size = self.settings.cow_size_bytes or _default_cow_size(template)
             return RootfsPlan(
-                sandbox_id=sandbox_id, strategy=strategy, template_path=template_path,
-                cow_path=cow_path, disk_path=f"/dev/mapper/{dm_name}",
-                image_type="Raw", dm_name=dm_name, cow_size_bytes=cow_size,
+                sandbox_id=sandbox_id,
+                strategy=strategy,
+                template_path=template_path,
+                cow_path=cow_path,
+                disk_path=f"/dev/mapper/{dm_name}",
+                image_type="Raw",
+                dm_name=dm_name,
+                cow_size_bytes=cow_size,
             )
         if strategy == QCOW2:
             return RootfsPlan(
-                sandbox_id=sandbox_id, strategy=strategy, template_path=template_path,
-                cow_path=cow_path, disk_path=cow_path, image_type="Qcow2",
+                sandbox_id=sandbox_id,
+                strategy=strategy,
+                template_path=template_path,
+                cow_path=cow_path,
+                disk_path=cow_path,
+                image_type="Qcow2",
                 backing_files=True,
             )
         return RootfsPlan(
-            sandbox_id=sandbox_id, strategy=strategy, template_path=template_path,
-            cow_path=cow_path, disk_path=cow_path, image_type="Raw",
+            sandbox_id=sandbox_id,
+            strategy=strategy,
+            template_path=template_path,
+            cow_path=cow_path,
+            disk_path=cow_path,
+            image_type="Raw",
         )
 
     # --- prepare / attach / detach / remove -------------------------------------
@@ -449,9 +486,13 @@ class LinuxRootfsDriver:
         """Create the CoW disk and attach it. On failure, remove what it made."""
         record = self._record_for(plan)
         if os.path.lexists(plan.cow_path) or os.path.lexists(
-                self._record_path(plan.sandbox_id)):
-            raise ResourceBusy("CoW file", plan.cow_path,
-                               "it, or its record, is left by an earlier prepare")
+            self._record_path(plan.sandbox_id)
+        ):
+            raise ResourceBusy(
+                "CoW file",
+                plan.cow_path,
+                "it, or its record, is left by an earlier prepare",
+            )
         self._check_space(plan)
         self._ensure_work_dirs()
 
@@ -469,8 +510,12 @@ class LinuxRootfsDriver:
             self._unregister(record)
             raise
 
-        log.info("sandbox %s: rootfs prepared (%s, %s)", plan.sandbox_id,
-                 plan.strategy, plan.disk_path)
+        log.info(
+            "sandbox %s: rootfs prepared (%s, %s)",
+            plan.sandbox_id,
+            plan.strategy,
+            plan.disk_path,
+        )
         return RootfsAttachment()
 
     def attach(self, plan: RootfsPlan) -> RootfsAttachment:
@@ -544,8 +589,10 @@ class LinuxRootfsDriver:
         found += [("dm", name) for name in dms if name.startswith(prefix)]
         found += [("loop", loop.name) for loop in loops if loop.back_file in cows]
         found += [
-            ("loop", loop.name) for loop in loops
-            if loop.read_only and loop.back_file in templates
+            ("loop", loop.name)
+            for loop in loops
+            if loop.read_only
+            and loop.back_file in templates
             and loop.back_file not in cows
         ]
         found += [("cow", record.cow_path) for record in records]
@@ -558,8 +605,9 @@ class LinuxRootfsDriver:
         and (:class:`ResourceBusy`) a template loop or CoW file still in use.
         """
         if kind not in ("dm", "loop", "cow"):
-            raise ConfigError("kind", f"{kind!r} is not a rootfs leftover kind",
-                              limit="dm, loop, cow")
+            raise ConfigError(
+                "kind", f"{kind!r} is not a rootfs leftover kind", limit="dm, loop, cow"
+            )
         self._ensure_work_dirs()
         with self._locked():
             if kind == "dm":
@@ -607,14 +655,25 @@ class LinuxRootfsDriver:
     # --- qcow2 and copy -------------------------------------------------------------
 
     def _create_overlay(self, plan: RootfsPlan) -> None:
-        with self._translated(plan, "reserve the qcow2 overlay"), \
-                _new_file(plan.cow_path):
+        with (
+            self._translated(plan, "reserve the qcow2 overlay"),
+            _new_file(plan.cow_path),
+        ):
             pass
         try:
-            self.runner([
-                "qemu-img", "create", "-f", "qcow2", "-F", "raw",
-                "-b", plan.template_path, plan.cow_path,
-            ])
+            self.runner(
+                [
+                    "qemu-img",
+                    "create",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    "-b",
+                    plan.template_path,
+                    plan.cow_path,
+                ]
+            )
         except BaseException:
             _unlink_quietly(plan.cow_path)
             raise
@@ -639,8 +698,10 @@ class LinuxRootfsDriver:
     def _prepare_dm(self, plan: RootfsPlan, record: _CowRecord) -> RootfsAttachment:
         self._register(record)
         try:
-            with self._translated(plan, "create the CoW file"), \
-                    _new_file(plan.cow_path) as fd:
+            with (
+                self._translated(plan, "create the CoW file"),
+                _new_file(plan.cow_path) as fd,
+            ):
                 os.ftruncate(fd, plan.cow_size_bytes)
             try:
                 attachment = self._attach_dm(plan, record)
@@ -651,8 +712,12 @@ class LinuxRootfsDriver:
             self._unregister(record)
             raise
 
-        log.info("sandbox %s: rootfs prepared (dm-snapshot, %s over %s)",
-                 plan.sandbox_id, plan.disk_path, attachment.template_loop)
+        log.info(
+            "sandbox %s: rootfs prepared (dm-snapshot, %s over %s)",
+            plan.sandbox_id,
+            plan.disk_path,
+            attachment.template_loop,
+        )
         return attachment
 
     def _attach_dm(self, plan: RootfsPlan, record: _CowRecord) -> RootfsAttachment:
@@ -663,8 +728,9 @@ class LinuxRootfsDriver:
         loops = list_loop_devices(self.runner)
         busy = [loop.name for loop in loops if loop.back_file == record.cow_real]
         if busy:
-            raise ResourceBusy("loop device", busy[0],
-                               f"already attached to {plan.cow_path}")
+            raise ResourceBusy(
+                "loop device", busy[0], f"already attached to {plan.cow_path}"
+            )
         sectors = os.stat(record.template_path).st_size // 512
         self._register(record)
 
@@ -673,8 +739,10 @@ class LinuxRootfsDriver:
             cow_loop = self.runner(["losetup", "--find", "--show", record.cow_real])
             cow_loop = cow_loop.strip()
             try:
-                table = (f"0 {sectors} snapshot {template_loop} {cow_loop} P "
-                         f"{DM_CHUNK_SECTORS}")
+                table = (
+                    f"0 {sectors} snapshot {template_loop} {cow_loop} P "
+                    f"{DM_CHUNK_SECTORS}"
+                )
                 self.runner(["dmsetup", "create", plan.dm_name, "--table", table])
             except BaseException as exc:
                 self._undo(plan, exc, ["losetup", "-d", cow_loop])
@@ -683,8 +751,9 @@ class LinuxRootfsDriver:
             self._undo_release(plan, exc, record.template_path)
             raise
 
-        return RootfsAttachment(template_loop=template_loop, cow_loop=cow_loop,
-                                dm_name=plan.dm_name)
+        return RootfsAttachment(
+            template_loop=template_loop, cow_loop=cow_loop, dm_name=plan.dm_name
+        )
 
     def _detach_dm(self, plan: RootfsPlan, record: _CowRecord) -> None:
         """dm device, CoW loop, then the template loop if nobody uses it.
@@ -700,7 +769,8 @@ class LinuxRootfsDriver:
 
         self._release_template_loop(record.template_path)
         still = [
-            loop.name for loop in list_loop_devices(self.runner)
+            loop.name
+            for loop in list_loop_devices(self.runner)
             if loop.back_file == record.cow_real and not loop.autoclear
         ]
         if still:
@@ -740,11 +810,13 @@ class LinuxRootfsDriver:
     def _template_users(self, template: str, loops: list[LoopDevice]) -> list[str]:
         """CoW loop devices on dm-snapshot sandboxes of ``template``: the refcount."""
         cows = {
-            record.cow_real for record in self._records()
+            record.cow_real
+            for record in self._records()
             if record.strategy == DM_SNAPSHOT and record.template_path == template
         }
-        return [loop.name for loop in loops
-                if loop.back_file in cows and not loop.read_only]
+        return [
+            loop.name for loop in loops if loop.back_file in cows and not loop.read_only
+        ]
 
     def _dm_names(self) -> list[str]:
         out = self.runner(["dmsetup", "ls"])
@@ -756,17 +828,26 @@ class LinuxRootfsDriver:
         try:
             self.runner(argv)
         except HostError as undo_exc:
-            log.warning("sandbox %s: undo `%s` failed: %s", plan.sandbox_id,
-                        " ".join(argv), undo_exc)
+            log.warning(
+                "sandbox %s: undo `%s` failed: %s",
+                plan.sandbox_id,
+                " ".join(argv),
+                undo_exc,
+            )
             exc.add_note(f"undo `{' '.join(argv)}` also failed: {undo_exc}")
 
-    def _undo_release(self, plan: RootfsPlan, exc: BaseException,
-                      template: str) -> None:
+    def _undo_release(
+        self, plan: RootfsPlan, exc: BaseException, template: str
+    ) -> None:
         try:
             self._release_template_loop(template)
         except HostError as undo_exc:
-            log.warning("sandbox %s: releasing template loop of %s failed: %s",
-                        plan.sandbox_id, template, undo_exc)
+            log.warning(
+                "sandbox %s: releasing template loop of %s failed: %s",
+                plan.sandbox_id,
+                template,
+                undo_exc,
+            )
             exc.add_note(f"releasing the template loop also failed: {undo_exc}")
 
     # --- leftover removal -------------------------------------------------------------
@@ -786,8 +867,9 @@ class LinuxRootfsDriver:
         if loop is None:
             return
 
-        owners = [record for record in self._records()
-                  if record.cow_real == loop.back_file]
+        owners = [
+            record for record in self._records() if record.cow_real == loop.back_file
+        ]
         if owners:
             self.runner(["losetup", "-d", name])
             self._release_template_loop(owners[0].template_path)
@@ -796,8 +878,11 @@ class LinuxRootfsDriver:
         if loop.read_only and loop.back_file in self._templates():
             users = self._template_users(loop.back_file, loops)
             if users:
-                raise ResourceBusy("loop device", name,
-                                   f"template loop still used by {', '.join(users)}")
+                raise ResourceBusy(
+                    "loop device",
+                    name,
+                    f"template loop still used by {', '.join(users)}",
+                )
             self._release_template_loop(loop.back_file)
             return
 
@@ -807,13 +892,17 @@ class LinuxRootfsDriver:
         )
 
     def _remove_cow_leftover(self, cow_path: str) -> None:
-        record = next((item for item in self._records() if item.cow_path == cow_path),
-                      None)
+        record = next(
+            (item for item in self._records() if item.cow_path == cow_path), None
+        )
         if record is None:
             return
 
-        loops = [loop.name for loop in list_loop_devices(self.runner)
-                 if loop.back_file == record.cow_real]
+        loops = [
+            loop.name
+            for loop in list_loop_devices(self.runner)
+            if loop.back_file == record.cow_real
+        ]
         if loops:
             raise ResourceBusy("CoW file", cow_path, f"still attached to {loops[0]}")
         _unlink_quietly(record.cow_path)
@@ -839,10 +928,12 @@ class LinuxRootfsDriver:
     def _record_for(self, plan: RootfsPlan) -> _CowRecord:
         directory = _canonical(os.path.dirname(plan.cow_path))
         return _CowRecord(
-            sandbox_id=plan.sandbox_id, strategy=plan.strategy,
+            sandbox_id=plan.sandbox_id,
+            strategy=plan.strategy,
             cow_path=plan.cow_path,
             cow_real=os.path.join(directory, os.path.basename(plan.cow_path)),
-            template_path=_canonical(plan.template_path), dm_name=plan.dm_name,
+            template_path=_canonical(plan.template_path),
+            dm_name=plan.dm_name,
         )
 
     def _record_path(self, sandbox_id: str) -> str:
@@ -885,18 +976,25 @@ class LinuxRootfsDriver:
 
     def _template_size(self, template_path: str) -> int:
         if not template_path.startswith("/"):
-            raise ConfigError("rootfs_path", f"{template_path!r} is not absolute",
-                              hint="give the full path of the template image")
+            raise ConfigError(
+                "rootfs_path",
+                f"{template_path!r} is not absolute",
+                hint="give the full path of the template image",
+            )
         try:
             info = os.stat(template_path)
         except OSError as exc:
             raise ConfigError(
-                "rootfs_path", f"template {template_path} cannot be read: "
-                f"{exc.strerror}", hint="give the path of an existing template image",
+                "rootfs_path",
+                f"template {template_path} cannot be read: {exc.strerror}",
+                hint="give the path of an existing template image",
             ) from exc
         if not os.path.isfile(template_path) or info.st_size < 512:
-            raise ConfigError("rootfs_path", f"{template_path} is not a disk image",
-                              hint="give a regular file of at least 512 bytes")
+            raise ConfigError(
+                "rootfs_path",
+                f"{template_path} is not a disk image",
+                hint="give a regular file of at least 512 bytes",
+            )
         return info.st_size
 
     @contextlib.contextmanager
@@ -905,8 +1003,9 @@ class LinuxRootfsDriver:
         try:
             yield
         except FileExistsError as exc:
-            raise ResourceBusy("CoW file", plan.cow_path,
-                               "left by an earlier sandbox") from exc
+            raise ResourceBusy(
+                "CoW file", plan.cow_path, "left by an earlier sandbox"
+            ) from exc
         except OSError as exc:
             raise HostError(
                 f"sandbox {plan.sandbox_id}: cannot {action} at {plan.cow_path}: "

@@ -29,7 +29,8 @@ def parse(spec: str) -> dict[str, str]:
         name, sep, action = item.partition("=")
         if not sep or action not in ACTIONS or not name:
             raise ConfigError(
-                ENV, f"{item!r} is not name=action",
+                ENV,
+                f"{item!r} is not name=action",
                 limit=f"actions: {', '.join(ACTIONS)}",
                 hint="`wrenn-engine debug failpoints` lists the names",
             )
@@ -50,8 +51,11 @@ class Failpoints:
 
     def arm(self, name: str, action: str) -> None:
         if action not in ACTIONS:
-            raise ConfigError("action", f"{action!r} is not a failpoint action",
-                              limit=", ".join(ACTIONS))
+            raise ConfigError(
+                "action",
+                f"{action!r} is not a failpoint action",
+                limit=", ".join(ACTIONS),
+            )
         with self._lock:
             self._points[name] = action
 
@@ -74,8 +78,9 @@ class Failpoints:
         if action == "error":
             raise FailpointError(name)
         if action == "crash":
-            log.warning("sandbox %s: failpoint %s: killing the process", sandbox_id,
-                        name)
+            log.warning(
+                "sandbox %s: failpoint %s: killing the process", sandbox_id, name
+            )
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -43,29 +43,52 @@ COMMANDS: dict[str, CommandSpec] = {
     spec.name: spec
     for spec in (
         CommandSpec(
-            "start", (State.PENDING, State.STOPPED),
-            (State.PROVISIONING, State.STARTING), State.RUNNING, "rollback",
+            "start",
+            (State.PENDING, State.STOPPED),
+            (State.PROVISIONING, State.STARTING),
+            State.RUNNING,
+            "rollback",
             description="prepare disk and network, launch the VMM, boot the VM",
         ),
         CommandSpec(
-            "pause", (State.RUNNING,), (State.PAUSING,), State.PAUSED, "rollback",
+            "pause",
+            (State.RUNNING,),
+            (State.PAUSING,),
+            State.PAUSED,
+            "rollback",
             description="snapshot the VM and release VMM, network and loop devices",
         ),
         CommandSpec(
-            "resume", (State.PAUSED,), (State.RESUMING,), State.RUNNING, "rollback",
+            "resume",
+            (State.PAUSED,),
+            (State.RESUMING,),
+            State.RUNNING,
+            "rollback",
             description="restore a new VMM from the snapshot on a fresh slot",
         ),
         CommandSpec(
-            "stop", (State.RUNNING, State.PAUSED), (State.STOPPING,), State.STOPPED,
-            "error", description="shut the VM down and release VMM and network",
+            "stop",
+            (State.RUNNING, State.PAUSED),
+            (State.STOPPING,),
+            State.STOPPED,
+            "error",
+            description="shut the VM down and release VMM and network",
         ),
         CommandSpec(
-            "halt", (State.RUNNING,), (State.STOPPING,), State.STOPPED, "error",
+            "halt",
+            (State.RUNNING,),
+            (State.STOPPING,),
+            State.STOPPED,
+            "error",
             system=True,
             description="the VMM exited on its own: release what it held",
         ),
         CommandSpec(
-            "destroy", _NON_TERMINAL, (State.DESTROYING,), State.DESTROYED, "error",
+            "destroy",
+            _NON_TERMINAL,
+            (State.DESTROYING,),
+            State.DESTROYED,
+            "error",
             description="remove everything the sandbox ever held",
         ),
     )
@@ -81,8 +104,9 @@ def _transitions() -> list[dict[str, Any]]:
         key = (trigger, str(source), str(dest))
         if key not in seen:
             seen.add(key)
-            table.append({"trigger": trigger, "source": key[1], "dest": key[2],
-                          **extra})
+            table.append(
+                {"trigger": trigger, "source": key[1], "dest": key[2], **extra}
+            )
 
     for spec in COMMANDS.values():
         for source in spec.sources:
@@ -114,7 +138,8 @@ def build_machine(model: Any, initial: str) -> Machine:
     nesting, and its queue must not be shared between threads.
     """
     states = [
-        {"name": s, "on_enter": "run_phase"} if State(s) in TRANSIENT_STATES
+        {"name": s, "on_enter": "run_phase"}
+        if State(s) in TRANSIENT_STATES
         else {"name": s}
         for s in STATES
     ]

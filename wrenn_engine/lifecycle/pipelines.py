@@ -23,7 +23,14 @@ from wrenn_engine.host.base import (
     VmmProcess,
     VmmSpec,
 )
-from wrenn_engine.lifecycle.steps import Intent, Pipeline, Pipelines, Result, Step, StepContext
+from wrenn_engine.lifecycle.steps import (
+    Intent,
+    Pipeline,
+    Pipelines,
+    Result,
+    Step,
+    StepContext,
+)
 
 # --- helpers ----------------------------------------------------------------------
 
@@ -55,8 +62,9 @@ def _vmm(ctx: StepContext) -> VmmProcess | None:
 
 def _sandbox_paths(ctx: StepContext) -> paths.SandboxPaths:
     config = ctx.config
-    return paths.SandboxPaths(sandbox_dir=config.sandbox_dir,
-                              socket_path=config.socket_path)
+    return paths.SandboxPaths(
+        sandbox_dir=config.sandbox_dir, socket_path=config.socket_path
+    )
 
 
 def _skipped(reason: str) -> Result:
@@ -101,10 +109,14 @@ def plan_rootfs(ctx: StepContext) -> Intent:
     if existing is not None:
         return {"plan": existing.to_dict(), "attach": True}
     config = ctx.config
-    plan = ctx.drivers.rootfs.plan(config.sandbox_id, config.rootfs_path,
-                                   config.sandbox_dir)
-    return {"plan": plan.to_dict(), "attach": False,
-            "resources": [{"kind": "cow", "name": plan.cow_path}]}
+    plan = ctx.drivers.rootfs.plan(
+        config.sandbox_id, config.rootfs_path, config.sandbox_dir
+    )
+    return {
+        "plan": plan.to_dict(),
+        "attach": False,
+        "resources": [{"kind": "cow", "name": plan.cow_path}],
+    }
 
 
 def run_rootfs(ctx: StepContext, intent: Intent) -> Result:
@@ -114,8 +126,10 @@ def run_rootfs(ctx: StepContext, intent: Intent) -> Result:
         resources = _attachment_resources(attachment)
     else:
         attachment = ctx.drivers.rootfs.prepare(plan)
-        resources = [{"kind": "cow", "name": plan.cow_path},
-                     *_attachment_resources(attachment)]
+        resources = [
+            {"kind": "cow", "name": plan.cow_path},
+            *_attachment_resources(attachment),
+        ]
     return {
         "resources": resources,
         "facts": {"rootfs": plan.to_dict(), "rootfs_attachment": attachment.to_dict()},
@@ -143,8 +157,10 @@ def run_rootfs_detach(ctx: StepContext, intent: Intent) -> Result:
     if plan is None or attachment == RootfsAttachment():
         return _skipped("no attached disk")
     ctx.drivers.rootfs.detach(plan, attachment)
-    return {"released": _attachment_resources(attachment),
-            "facts": {"rootfs_attachment": None}}
+    return {
+        "released": _attachment_resources(attachment),
+        "facts": {"rootfs_attachment": None},
+    }
 
 
 def run_rootfs_remove(ctx: StepContext, intent: Intent) -> Result:
@@ -154,8 +170,10 @@ def run_rootfs_remove(ctx: StepContext, intent: Intent) -> Result:
     attachment = _attachment(ctx.facts.get("rootfs_attachment"))
     ctx.drivers.rootfs.remove(plan, attachment)
     return {
-        "released": [{"kind": "cow", "name": plan.cow_path},
-                     *_attachment_resources(attachment)],
+        "released": [
+            {"kind": "cow", "name": plan.cow_path},
+            *_attachment_resources(attachment),
+        ],
         "facts": {"rootfs": None, "rootfs_attachment": None},
     }
 
@@ -204,16 +222,20 @@ def plan_launch(ctx: StepContext) -> Intent:
         log_path=files.vmm_log,
         event_monitor_path=files.event_monitor,
     )
-    return {"spec": spec.to_dict(),
-            "resources": [{"kind": "socket", "name": config.socket_path}]}
+    return {
+        "spec": spec.to_dict(),
+        "resources": [{"kind": "socket", "name": config.socket_path}],
+    }
 
 
 def run_launch(ctx: StepContext, intent: Intent) -> Result:
     spec = VmmSpec(**intent["spec"])
     process = ctx.drivers.vmm.launch(spec, ctx.settings.launch_timeout_s)
     return {
-        "resources": [{"kind": "vmm", "name": str(process.pid)},
-                      {"kind": "socket", "name": spec.socket_path}],
+        "resources": [
+            {"kind": "vmm", "name": str(process.pid)},
+            {"kind": "socket", "name": spec.socket_path},
+        ],
         "facts": {"vmm": process.to_dict(), "event_monitor": spec.event_monitor_path},
     }
 
@@ -225,8 +247,9 @@ def undo_launch(ctx: StepContext, intent: Intent, result: Result | None) -> None
     # the process by its mark and socket rather than trust the absence.
     process = VmmProcess.from_dict(data) if data else ctx.drivers.vmm.find(spec)
     if process is not None:
-        ctx.drivers.vmm.shutdown(process, spec.socket_path,
-                                 ctx.settings.shutdown_timeout_s)
+        ctx.drivers.vmm.shutdown(
+            process, spec.socket_path, ctx.settings.shutdown_timeout_s
+        )
     if os.path.exists(spec.socket_path):
         ctx.drivers.vmm.remove_leftover("socket", spec.socket_path)
 
@@ -245,8 +268,10 @@ def run_vmm_stop(ctx: StepContext, intent: Intent) -> Result:
         return _skipped("no VMM")
     ctx.drivers.vmm.shutdown(process, socket, ctx.settings.shutdown_timeout_s)
     return {
-        "released": [{"kind": "vmm", "name": str(process.pid)},
-                     {"kind": "socket", "name": socket}],
+        "released": [
+            {"kind": "vmm", "name": str(process.pid)},
+            {"kind": "socket", "name": socket},
+        ],
         "facts": {"vmm": None},
     }
 
@@ -256,8 +281,11 @@ def run_vm_create(ctx: StepContext, intent: Intent) -> Result:
     rootfs = _rootfs_plan(ctx)
     if rootfs is None:
         raise RuntimeError("vm.create needs a prepared rootfs (rootfs.prepare)")
-    disk = DiskSpec(path=rootfs.disk_path, image_type=rootfs.image_type,
-                    backing_files=rootfs.backing_files)
+    disk = DiskSpec(
+        path=rootfs.disk_path,
+        image_type=rootfs.image_type,
+        backing_files=rootfs.backing_files,
+    )
     ctx.drivers.vmm.create_vm(config.socket_path, config, disk)
     return {}
 
@@ -283,8 +311,11 @@ def undo_vm_pause(ctx: StepContext, intent: Intent, result: Result | None) -> No
 
 def plan_snapshot(ctx: StepContext) -> Intent:
     files = _sandbox_paths(ctx)
-    return {"path": files.snapshot_dir, "tmp": files.snapshot_tmp_dir,
-            "resources": [{"kind": "snapshot", "name": files.snapshot_dir}]}
+    return {
+        "path": files.snapshot_dir,
+        "tmp": files.snapshot_tmp_dir,
+        "resources": [{"kind": "snapshot", "name": files.snapshot_dir}],
+    }
 
 
 def run_snapshot(ctx: StepContext, intent: Intent) -> Result:
@@ -298,8 +329,10 @@ def run_snapshot(ctx: StepContext, intent: Intent) -> Result:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"resources": [{"kind": "snapshot", "name": final}],
-            "facts": {"snapshot": final}}
+    return {
+        "resources": [{"kind": "snapshot", "name": final}],
+        "facts": {"snapshot": final},
+    }
 
 
 def undo_snapshot(ctx: StepContext, intent: Intent, result: Result | None) -> None:
@@ -325,8 +358,10 @@ def run_snapshot_discard(ctx: StepContext, intent: Intent) -> Result:
     if not snapshot:
         return _skipped("no snapshot")
     shutil.rmtree(snapshot, ignore_errors=True)
-    return {"released": [{"kind": "snapshot", "name": snapshot}],
-            "facts": {"snapshot": None}}
+    return {
+        "released": [{"kind": "snapshot", "name": snapshot}],
+        "facts": {"snapshot": None},
+    }
 
 
 def run_sweep(ctx: StepContext, intent: Intent) -> Result:
@@ -348,44 +383,103 @@ P, S = State.PROVISIONING, State.STARTING
 
 def _steps() -> dict[str, Step]:
     return {
-        "sandbox.dir": Step("sandbox.dir", run_dir, undo_dir, plan_dir,
-                            description="create the sandbox directory (0700)"),
-        "rootfs.prepare": Step("rootfs.prepare", run_rootfs, undo_rootfs, plan_rootfs,
-                               description="create or re-attach the CoW disk"),
-        "rootfs.attach": Step("rootfs.attach", run_rootfs, undo_rootfs,
-                              plan_rootfs_attach,
-                              description="attach the kept CoW disk again"),
-        "rootfs.detach": Step("rootfs.detach", run_rootfs_detach,
-                              description="release loop and dm devices, keep the disk"),
-        "rootfs.remove": Step("rootfs.remove", run_rootfs_remove,
-                              description="delete the CoW disk"),
-        "network.prepare": Step("network.prepare", run_network, undo_network,
-                                plan_network,
-                                description="namespace, veth, TAP, NAT on a free slot"),
-        "network.release": Step("network.release", run_network_release,
-                                description="tear the network down, free the slot"),
-        "vmm.launch": Step("vmm.launch", run_launch, undo_launch, plan_launch,
-                           description="start the VMM in the namespace, wait for API"),
-        "vmm.stop": Step("vmm.stop", run_vmm_stop,
-                         description="shut the VM and VMM down, then signals"),
-        "vm.create": Step("vm.create", run_vm_create, undone_with_vmm,
-                          description="vm.create"),
-        "vm.boot": Step("vm.boot", run_vm_boot, undone_with_vmm,
-                        description="vm.boot, then vm.info must say Running"),
-        "vm.pause": Step("vm.pause", run_vm_pause, undo_vm_pause,
-                         description="vm.pause (undo: vm.resume)"),
-        "vm.snapshot": Step("vm.snapshot", run_snapshot, undo_snapshot, plan_snapshot,
-                            description="snapshot into a temp dir, rename on success"),
-        "vm.restore": Step("vm.restore", run_vm_restore, undone_with_vmm,
-                           description="vm.restore from the snapshot"),
-        "vm.resume": Step("vm.resume", run_vm_resume, undone_with_vmm,
-                          description="vm.resume"),
-        "snapshot.discard": Step("snapshot.discard", run_snapshot_discard,
-                                 description="delete the snapshot"),
-        "host.sweep": Step("host.sweep", run_sweep,
-                           description="remove anything else the log says is held"),
-        "sandbox.dir.remove": Step("sandbox.dir.remove", run_dir_remove,
-                                   description="delete the sandbox directory"),
+        "sandbox.dir": Step(
+            "sandbox.dir",
+            run_dir,
+            undo_dir,
+            plan_dir,
+            description="create the sandbox directory (0700)",
+        ),
+        "rootfs.prepare": Step(
+            "rootfs.prepare",
+            run_rootfs,
+            undo_rootfs,
+            plan_rootfs,
+            description="create or re-attach the CoW disk",
+        ),
+        "rootfs.attach": Step(
+            "rootfs.attach",
+            run_rootfs,
+            undo_rootfs,
+            plan_rootfs_attach,
+            description="attach the kept CoW disk again",
+        ),
+        "rootfs.detach": Step(
+            "rootfs.detach",
+            run_rootfs_detach,
+            description="release loop and dm devices, keep the disk",
+        ),
+        "rootfs.remove": Step(
+            "rootfs.remove", run_rootfs_remove, description="delete the CoW disk"
+        ),
+        "network.prepare": Step(
+            "network.prepare",
+            run_network,
+            undo_network,
+            plan_network,
+            description="namespace, veth, TAP, NAT on a free slot",
+        ),
+        "network.release": Step(
+            "network.release",
+            run_network_release,
+            description="tear the network down, free the slot",
+        ),
+        "vmm.launch": Step(
+            "vmm.launch",
+            run_launch,
+            undo_launch,
+            plan_launch,
+            description="start the VMM in the namespace, wait for API",
+        ),
+        "vmm.stop": Step(
+            "vmm.stop",
+            run_vmm_stop,
+            description="shut the VM and VMM down, then signals",
+        ),
+        "vm.create": Step(
+            "vm.create", run_vm_create, undone_with_vmm, description="vm.create"
+        ),
+        "vm.boot": Step(
+            "vm.boot",
+            run_vm_boot,
+            undone_with_vmm,
+            description="vm.boot, then vm.info must say Running",
+        ),
+        "vm.pause": Step(
+            "vm.pause",
+            run_vm_pause,
+            undo_vm_pause,
+            description="vm.pause (undo: vm.resume)",
+        ),
+        "vm.snapshot": Step(
+            "vm.snapshot",
+            run_snapshot,
+            undo_snapshot,
+            plan_snapshot,
+            description="snapshot into a temp dir, rename on success",
+        ),
+        "vm.restore": Step(
+            "vm.restore",
+            run_vm_restore,
+            undone_with_vmm,
+            description="vm.restore from the snapshot",
+        ),
+        "vm.resume": Step(
+            "vm.resume", run_vm_resume, undone_with_vmm, description="vm.resume"
+        ),
+        "snapshot.discard": Step(
+            "snapshot.discard", run_snapshot_discard, description="delete the snapshot"
+        ),
+        "host.sweep": Step(
+            "host.sweep",
+            run_sweep,
+            description="remove anything else the log says is held",
+        ),
+        "sandbox.dir.remove": Step(
+            "sandbox.dir.remove",
+            run_dir_remove,
+            description="delete the sandbox directory",
+        ),
     }
 
 
@@ -397,23 +491,47 @@ def default_pipelines() -> Pipelines:
         return [_with_phase(s[n], state) for n in names]
 
     release = ("vmm.stop", "network.release", "rootfs.detach")
-    return Pipelines({
-        "start": Pipeline("start", [
-            *phase(P, "sandbox.dir", "rootfs.prepare", "network.prepare"),
-            *phase(S, "vmm.launch", "vm.create", "vm.boot"),
-        ]),
-        "pause": Pipeline("pause", phase(
-            State.PAUSING, "vm.pause", "vm.snapshot", *release)),
-        "resume": Pipeline("resume", phase(
-            State.RESUMING, "rootfs.attach", "network.prepare", "vmm.launch",
-            "vm.restore", "vm.resume", "snapshot.discard")),
-        "stop": Pipeline("stop", phase(
-            State.STOPPING, *release, "snapshot.discard")),
-        "halt": Pipeline("halt", phase(State.STOPPING, *release)),
-        "destroy": Pipeline("destroy", phase(
-            State.DESTROYING, *release, "rootfs.remove", "snapshot.discard",
-            "host.sweep", "sandbox.dir.remove")),
-    })
+    return Pipelines(
+        {
+            "start": Pipeline(
+                "start",
+                [
+                    *phase(P, "sandbox.dir", "rootfs.prepare", "network.prepare"),
+                    *phase(S, "vmm.launch", "vm.create", "vm.boot"),
+                ],
+            ),
+            "pause": Pipeline(
+                "pause", phase(State.PAUSING, "vm.pause", "vm.snapshot", *release)
+            ),
+            "resume": Pipeline(
+                "resume",
+                phase(
+                    State.RESUMING,
+                    "rootfs.attach",
+                    "network.prepare",
+                    "vmm.launch",
+                    "vm.restore",
+                    "vm.resume",
+                    "snapshot.discard",
+                ),
+            ),
+            "stop": Pipeline(
+                "stop", phase(State.STOPPING, *release, "snapshot.discard")
+            ),
+            "halt": Pipeline("halt", phase(State.STOPPING, *release)),
+            "destroy": Pipeline(
+                "destroy",
+                phase(
+                    State.DESTROYING,
+                    *release,
+                    "rootfs.remove",
+                    "snapshot.discard",
+                    "host.sweep",
+                    "sandbox.dir.remove",
+                ),
+            ),
+        }
+    )
 
 
 def _with_phase(step: Step, state: State) -> Step:

@@ -41,7 +41,7 @@ from wrenn_engine.store.base import EventStore
 log = logging.getLogger(__name__)
 
 
-class AlreadyApplied(Exception):  # noqa: N818 - internal control flow, never escapes
+class AlreadyApplied(Exception):
     """The command id was applied by a concurrent call; nothing to do."""
 
 
@@ -111,20 +111,31 @@ class CommandRun:
         new = [e.to_new() for e in events]
         register = self.command_id if self._first_append else None
         result = self.store.append(
-            self.sandbox.id, new, expected_version=self.sandbox.version,
-            metadata=self.metadata, command_id=register, command=self.spec.name,
+            self.sandbox.id,
+            new,
+            expected_version=self.sandbox.version,
+            metadata=self.metadata,
+            command_id=register,
+            command=self.spec.name,
         )
         if result.replayed:
             raise AlreadyApplied(self.command_id)
         self._first_append = False
         now = datetime.now(UTC)
         for offset, item in enumerate(new):
-            evolve(self.sandbox, RecordedEvent(
-                position=result.first_position + offset, stream_id=self.sandbox.id,
-                version=self.sandbox.version + 1, type=item.type,
-                schema_version=item.schema_version, data=item.data,
-                metadata=self.metadata, recorded_at=now,
-            ))
+            evolve(
+                self.sandbox,
+                RecordedEvent(
+                    position=result.first_position + offset,
+                    stream_id=self.sandbox.id,
+                    version=self.sandbox.version + 1,
+                    type=item.type,
+                    schema_version=item.schema_version,
+                    data=item.data,
+                    metadata=self.metadata,
+                    recorded_at=now,
+                ),
+            )
         self.on_append(self.sandbox)
 
     # --- machine hooks ----------------------------------------------------------------
@@ -132,10 +143,13 @@ class CommandRun:
     def record_change(self, event: EventData) -> None:
         """before_state_change: append the event of this state change."""
         trigger = event.event.name
-        dest = event.transition.dest
+        assert event.transition is not None and event.transition.dest is not None
+        dest = str(event.transition.dest)
         name = self.spec.name
         if trigger == name:
-            self.append(ev.TransitionStarted(name, self.state, dest, self.engine_instance))
+            self.append(
+                ev.TransitionStarted(name, self.state, dest, self.engine_instance)
+            )
         elif trigger == "advance":
             self.append(ev.TransitionAdvanced(name, dest))
         elif trigger == "complete":
@@ -149,6 +163,7 @@ class CommandRun:
 
     def rolls_back_to(self, event: EventData) -> bool:
         """Condition of ``rollback``: pick the transition back to the source."""
+        assert event.transition is not None
         return bool(event.transition.dest == event.kwargs.get("to"))
 
     def run_phase(self, event: EventData | None = None) -> None:
@@ -181,14 +196,25 @@ class CommandRun:
                 raise
             except Exception as exc:  # every step failure is recorded and undone
                 text = describe(exc)
-                log.warning("sandbox %s: %s: step %s failed: %s", self.sandbox.id,
-                            self.spec.name, step.name, text)
+                log.warning(
+                    "sandbox %s: %s: step %s failed: %s",
+                    self.sandbox.id,
+                    self.spec.name,
+                    step.name,
+                    text,
+                )
                 self._failure = (step.name, exc, text)
-                if self.done and self.done[-1].step.name == step.name \
-                        and self.done[-1].result is None:
+                if (
+                    self.done
+                    and self.done[-1].step.name == step.name
+                    and self.done[-1].result is None
+                ):
                     self.done[-1].failed = True
-                    self.append(ev.StepFailed(self.spec.name, step.name, text,
-                                              type(exc).__name__))
+                    self.append(
+                        ev.StepFailed(
+                            self.spec.name, step.name, text, type(exc).__name__
+                        )
+                    )
                 return False
         return True
 
@@ -203,8 +229,13 @@ class CommandRun:
 
         self.append(ev.StepCompleted(self.spec.name, step.name, result))
         self.done[-1].result = result
-        log.info("sandbox %s: %s: %s done%s", sandbox_id, self.spec.name, step.name,
-                 f" (skipped: {result['skipped']})" if "skipped" in result else "")
+        log.info(
+            "sandbox %s: %s: %s done%s",
+            sandbox_id,
+            self.spec.name,
+            step.name,
+            f" (skipped: {result['skipped']})" if "skipped" in result else "",
+        )
 
     def _plan_and_record(self, step: Step) -> Intent:
         """Compute the intent and append it; re-plan when a slot was taken."""
@@ -216,8 +247,11 @@ class CommandRun:
                 return intent
             except SlotTaken as exc:
                 self.ctx.refused_slots.add(exc.slot)
-                log.info("sandbox %s: slot %d was taken meanwhile, choosing another",
-                         self.sandbox.id, exc.slot)
+                log.info(
+                    "sandbox %s: slot %d was taken meanwhile, choosing another",
+                    self.sandbox.id,
+                    exc.slot,
+                )
         raise SlotTaken(self.sandbox.host_id, -1, f"{retries} concurrent sandboxes")
 
     # --- failure ----------------------------------------------------------------------
@@ -227,16 +261,13 @@ class CommandRun:
         assert self._failure is not None
         step_name, exc, text = self._failure
         reversible = self.spec.on_failure == "rollback" and _reversible(self.done)
-        undone_ok = True
-        if reversible:
-            undone_ok = self.undo_done()
-        else:
-            # Release steps cannot be taken back. Only the failed step's own
-            # partial work is removed; what the log says is held stays
-            # recorded so destroy (host.sweep) can remove it.
-            undone_ok = self._undo_failed_only()
-        self.outcome = RunOutcome(state="", failed_step=step_name, error=exc,
-                                  error_text=text)
+        # Release steps cannot be taken back: then only the failed step's own
+        # partial work is removed, and what the log says is still held stays
+        # recorded so that destroy (host.sweep) removes it.
+        undone_ok = self.undo_done() if reversible else self._undo_failed_only()
+        self.outcome = RunOutcome(
+            state="", failed_step=step_name, error=exc, error_text=text
+        )
         if reversible and undone_ok:
             self.trigger("rollback", to=self.transition_source())
         else:
@@ -262,13 +293,19 @@ class CommandRun:
             done.step.undo(self.ctx, done.intent, done.result)
         except Exception as exc:  # recorded; the sandbox lands in error
             text = describe(exc)
-            log.warning("sandbox %s: %s: undo of %s failed: %s", self.sandbox.id,
-                        self.spec.name, done.step.name, text)
+            log.warning(
+                "sandbox %s: %s: undo of %s failed: %s",
+                self.sandbox.id,
+                self.spec.name,
+                done.step.name,
+                text,
+            )
             self.append(ev.StepUndoFailed(self.spec.name, done.step.name, text))
             return False
         self.append(ev.StepUndone(self.spec.name, done.step.name))
-        log.info("sandbox %s: %s: %s undone", self.sandbox.id, self.spec.name,
-                 done.step.name)
+        log.info(
+            "sandbox %s: %s: %s undone", self.sandbox.id, self.spec.name, done.step.name
+        )
         return True
 
     def transition_source(self) -> str:
@@ -317,8 +354,14 @@ class CommandRun:
         for step_record in record.steps if record else []:
             step = self._step_named(step_record)
             if step_record.status in ("started", "completed", "failed"):
-                out.append(DoneStep(step, step_record.intent, step_record.result,
-                                    failed=step_record.status != "completed"))
+                out.append(
+                    DoneStep(
+                        step,
+                        step_record.intent,
+                        step_record.result,
+                        failed=step_record.status != "completed",
+                    )
+                )
         return out
 
     def _step_named(self, record: StepRecord) -> Step:

@@ -142,7 +142,9 @@ class Pipeline:
         names = self.names()
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
-            raise PipelineError(self.command, f"step names repeat: {sorted(duplicates)}")
+            raise PipelineError(
+                self.command, f"step names repeat: {sorted(duplicates)}"
+            )
         for step in self._steps:
             if not step.name or step.name.endswith(".done"):
                 raise PipelineError(

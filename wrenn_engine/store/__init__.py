@@ -60,8 +60,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def open_store(url: str | None = None, *,
-               auto_upgrade: bool | None = None) -> EventStore:
+def open_store(
+    url: str | None = None, *, auto_upgrade: bool | None = None
+) -> EventStore:
     """Open the event store at ``url`` with its schema at the head revision.
 
     ``url`` None means ``settings.default_db_url()``: ``$WRENN_ENGINE_DB`` if
@@ -110,6 +111,10 @@ def _ensure_schema(store: SqlEventStore, url: str, auto_upgrade: bool) -> None:
         return
     if not auto_upgrade:
         raise SchemaError(safe_url(url), current, head)
-    logger.info("database %s is at %s; upgrading to %s",
-                safe_url(url), current or "no schema", head)
+    logger.info(
+        "database %s is at %s; upgrading to %s",
+        safe_url(url),
+        current or "no schema",
+        head,
+    )
     upgrade(url)

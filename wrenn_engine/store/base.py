@@ -81,7 +81,10 @@ class ProjectionDifference:
     rebuilt: Any
 
     def __str__(self) -> str:
-        return f"{self.table}[{self.key}]: stored {self.stored!r}, rebuilt {self.rebuilt!r}"
+        return (
+            f"{self.table}[{self.key}]: stored {self.stored!r}, "
+            f"rebuilt {self.rebuilt!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +125,20 @@ class EventStore(ABC):
 
     @abstractmethod
     def read_stream(
-        self, stream_id: str, *, to_version: int | None = None,
+        self,
+        stream_id: str,
+        *,
+        to_version: int | None = None,
         at: datetime | None = None,
     ) -> list[RecordedEvent]:
         """One stream in version order, optionally up to a version or a time."""
 
     @abstractmethod
     def read_all(
-        self, *, after_position: int = 0, limit: int | None = None,
+        self,
+        *,
+        after_position: int = 0,
+        limit: int | None = None,
         batch_size: int = 1000,
     ) -> Iterator[RecordedEvent]:
         """The global sequence after ``after_position``, in position order."""
@@ -154,7 +163,10 @@ class EventStore(ABC):
 
     @abstractmethod
     def list_sandboxes(
-        self, *, states: Sequence[str] = (), host_id: str | None = None,
+        self,
+        *,
+        states: Sequence[str] = (),
+        host_id: str | None = None,
     ) -> list[SandboxState]:
         """Projected sandboxes, oldest first, optionally filtered."""
 

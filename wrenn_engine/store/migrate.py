@@ -47,8 +47,9 @@ def script_location() -> Path:
     )
 
 
-def alembic_config(url: str | None = None,
-                   connection: sa.Connection | None = None) -> Config:
+def alembic_config(
+    url: str | None = None, connection: sa.Connection | None = None
+) -> Config:
     """An Alembic Config for ``url`` (or an open ``connection``)."""
     config = Config()
     config.set_main_option("script_location", str(script_location()))

@@ -111,7 +111,8 @@ _SQLITE_CONSTRAINTS = {
 #: processing by SQLAlchemy; ``_Decoder`` does that once, for every backend).
 RAW_EVENT_COLUMNS = tuple(
     sa.type_coerce(c, sa.types.NullType()).label(c.name)
-    if c.name in ("data", "recorded_at") else c
+    if c.name in ("data", "recorded_at")
+    else c
     for c in EVENT_COLUMNS
 )
 
@@ -137,7 +138,9 @@ def normalize_url(url: str) -> sa.URL:
 def is_memory_url(url: str | sa.URL) -> bool:
     parsed = make_url(url) if isinstance(url, str) else url
     return parsed.get_backend_name() == "sqlite" and parsed.database in (
-        None, "", ":memory:",
+        None,
+        "",
+        ":memory:",
     )
 
 
@@ -148,7 +151,9 @@ def safe_url(url: str | sa.URL) -> str:
 
 
 def create_sql_engine(
-    url: str, *, poolclass: type[Pool] | None = None,
+    url: str,
+    *,
+    poolclass: type[Pool] | None = None,
     sqlite_synchronous: str = "FULL",
 ) -> Engine:
     """An Engine set up the way the store needs it (also used by migrations).
@@ -164,8 +169,11 @@ def create_sql_engine(
 
     synchronous = sqlite_synchronous.upper()
     if synchronous not in _SQLITE_SYNCHRONOUS:
-        raise ConfigError("sqlite synchronous", f"{sqlite_synchronous!r} is unknown",
-                          limit=", ".join(_SQLITE_SYNCHRONOUS))
+        raise ConfigError(
+            "sqlite synchronous",
+            f"{sqlite_synchronous!r} is unknown",
+            limit=", ".join(_SQLITE_SYNCHRONOUS),
+        )
     memory = is_memory_url(parsed)
     kwargs: dict[str, Any] = {
         "connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_S},
@@ -316,9 +324,7 @@ class _Projections:
 
     sandboxes: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: dict[tuple[str, int], str] = field(default_factory=dict)
-    resources: dict[tuple[str, str, str], tuple[str, str]] = field(
-        default_factory=dict
-    )
+    resources: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, states: Iterable[SandboxState]) -> _Projections:
@@ -449,8 +455,9 @@ class SqlEventStore(EventStore):
             if command_id is not None:
                 earlier = self._replay(conn, command_id, stream_id, command)
                 if earlier is not None:
-                    logger.debug("sandbox %s: command %s already applied",
-                                 stream_id, command_id)
+                    logger.debug(
+                        "sandbox %s: command %s already applied", stream_id, command_id
+                    )
                     return earlier
 
             actual = self._stream_version(conn, stream_id)
@@ -460,7 +467,8 @@ class SqlEventStore(EventStore):
             # A host stream (reconcile's record) is no sandbox: no projection.
             project = is_sandbox_stream(stream_id)
             state, before = (
-                self._projected_state(conn, stream_id, actual) if project
+                self._projected_state(conn, stream_id, actual)
+                if project
                 else (None, None)
             )
             now = datetime.now(UTC)
@@ -486,12 +494,19 @@ class SqlEventStore(EventStore):
                 for row, position, (schema_version, data) in zip(
                     rows, positions, shapes, strict=True
                 ):
-                    state = evolve(state, RecordedEvent(
-                        position=position, stream_id=stream_id,
-                        version=row["version"], type=row["type"],
-                        schema_version=schema_version, data=data,
-                        metadata=metadata, recorded_at=now,
-                    ))
+                    state = evolve(
+                        state,
+                        RecordedEvent(
+                            position=position,
+                            stream_id=stream_id,
+                            version=row["version"],
+                            type=row["type"],
+                            schema_version=schema_version,
+                            data=data,
+                            metadata=metadata,
+                            recorded_at=now,
+                        ),
+                    )
                 assert state is not None
                 self._write_projection(conn, before, state, attempt)
 
@@ -499,19 +514,30 @@ class SqlEventStore(EventStore):
                 stream_id, expected_version + len(rows), positions[0], positions[-1]
             )
             if command_id is not None:
-                conn.execute(sa.insert(commands), {
-                    "command_id": command_id, "stream_id": stream_id,
-                    "command": command, "first_position": result.first_position,
-                    "last_position": result.last_position, "recorded_at": now,
-                })
+                conn.execute(
+                    sa.insert(commands),
+                    {
+                        "command_id": command_id,
+                        "stream_id": stream_id,
+                        "command": command,
+                        "first_position": result.first_position,
+                        "last_position": result.last_position,
+                        "recorded_at": now,
+                    },
+                )
             if self._is_pg:
                 conn.execute(
                     sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(positions[-1])))
                 )
 
-        logger.debug("sandbox %s: appended versions %d-%d at positions %d-%d",
-                     stream_id, expected_version + 1, result.version,
-                     result.first_position, result.last_position)
+        logger.debug(
+            "sandbox %s: appended versions %d-%d at positions %d-%d",
+            stream_id,
+            expected_version + 1,
+            result.version,
+            result.first_position,
+            result.last_position,
+        )
         return result
 
     def _insert_events(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
@@ -530,8 +556,9 @@ class SqlEventStore(EventStore):
         )
         return int(conn.execute(stmt).scalar() or 0)
 
-    def _replay(self, conn: Connection, command_id: str, stream_id: str,
-                command: str) -> AppendResult | None:
+    def _replay(
+        self, conn: Connection, command_id: str, stream_id: str, command: str
+    ) -> AppendResult | None:
         """The earlier result of ``command_id``, or None if it is new."""
         row = conn.execute(
             sa.select(commands).where(commands.c.command_id == command_id)
@@ -547,11 +574,19 @@ class SqlEventStore(EventStore):
         version = conn.execute(
             sa.select(events.c.version).where(events.c.position == row.last_position)
         ).scalar_one()
-        return AppendResult(row.stream_id, int(version), int(row.first_position),
-                            int(row.last_position), replayed=True)
+        return AppendResult(
+            row.stream_id,
+            int(version),
+            int(row.first_position),
+            int(row.last_position),
+            replayed=True,
+        )
 
     def _projected_state(
-        self, conn: Connection, stream_id: str, version: int,
+        self,
+        conn: Connection,
+        stream_id: str,
+        version: int,
     ) -> tuple[SandboxState | None, SandboxState | None]:
         """The state at ``version`` to fold onto, and the one the tables show.
 
@@ -560,8 +595,9 @@ class SqlEventStore(EventStore):
         the tables are brought in line by the diff.
         """
         row = conn.execute(
-            sa.select(sandboxes.c.version, sandboxes.c.snapshot)
-            .where(sandboxes.c.id == stream_id)
+            sa.select(sandboxes.c.version, sandboxes.c.snapshot).where(
+                sandboxes.c.id == stream_id
+            )
         ).first()
         stored = SandboxState.from_dict(row.snapshot) if row is not None else None
         if (stored.version if stored else 0) == version:
@@ -572,9 +608,13 @@ class SqlEventStore(EventStore):
             )
             return stored, before
 
-        logger.warning("sandbox %s: projection at version %s but the log at %d; "
-                       "folding the stream afresh",
-                       stream_id, stored.version if stored else "none", version)
+        logger.warning(
+            "sandbox %s: projection at version %s but the log at %d; "
+            "folding the stream afresh",
+            stream_id,
+            stored.version if stored else "none",
+            version,
+        )
         stmt = (
             sa.select(*RAW_EVENT_COLUMNS)
             .where(events.c.stream_id == stream_id, events.c.version <= version)
@@ -583,8 +623,13 @@ class SqlEventStore(EventStore):
         state = fold(_decode(conn.execute(stmt)))
         return state, stored
 
-    def _write_projection(self, conn: Connection, before: SandboxState | None,
-                          after: SandboxState, attempt: _Attempt) -> None:
+    def _write_projection(
+        self,
+        conn: Connection,
+        before: SandboxState | None,
+        after: SandboxState,
+        attempt: _Attempt,
+    ) -> None:
         row = _sandbox_row(after)
         if before is None:
             conn.execute(sa.insert(sandboxes), row)
@@ -613,9 +658,10 @@ class SqlEventStore(EventStore):
                 claims.append((host_id, slot))
         if claims:
             attempt.claimed_slots = claims
-            conn.execute(sa.insert(network_slots), [
-                {"host_id": h, "slot": s, "sandbox_id": after.id} for h, s in claims
-            ])
+            conn.execute(
+                sa.insert(network_slots),
+                [{"host_id": h, "slot": s, "sandbox_id": after.id} for h, s in claims],
+            )
 
         old_res = _resource_rows(before) if before is not None else {}
         new_res = _resource_rows(after)
@@ -631,7 +677,8 @@ class SqlEventStore(EventStore):
             )
         added = [
             {"sandbox_id": after.id, "kind": k, "name": n, "host_id": h, "status": s}
-            for (k, n), (h, s) in new_res.items() if (k, n) not in old_res
+            for (k, n), (h, s) in new_res.items()
+            if (k, n) not in old_res
         ]
         if added:
             conn.execute(sa.insert(resources), added)
@@ -648,8 +695,9 @@ class SqlEventStore(EventStore):
                     resources.c.kind == sa.bindparam("b_kind"),
                     resources.c.name == sa.bindparam("b_name"),
                 )
-                .values(host_id=sa.bindparam("b_host"),
-                        status=sa.bindparam("b_status")),
+                .values(
+                    host_id=sa.bindparam("b_host"), status=sa.bindparam("b_status")
+                ),
                 changed,
             )
 
@@ -672,7 +720,8 @@ class SqlEventStore(EventStore):
             return ConcurrencyError(attempt.stream_id, attempt.expected_version, actual)
         if constraint == "pk_commands" and attempt.command_id is not None:
             return IdempotencyError(
-                attempt.command_id, "another append that committed first",
+                attempt.command_id,
+                "another append that committed first",
                 f"{attempt.command or 'a command'} on sandbox {attempt.stream_id}",
             )
         if constraint == "pk_network_slots":
@@ -686,7 +735,10 @@ class SqlEventStore(EventStore):
     # --- reads --------------------------------------------------------------
 
     def read_stream(
-        self, stream_id: str, *, to_version: int | None = None,
+        self,
+        stream_id: str,
+        *,
+        to_version: int | None = None,
         at: datetime | None = None,
     ) -> list[RecordedEvent]:
         stmt = sa.select(*RAW_EVENT_COLUMNS).where(events.c.stream_id == stream_id)
@@ -699,7 +751,10 @@ class SqlEventStore(EventStore):
         return _decode(rows)
 
     def read_all(
-        self, *, after_position: int = 0, limit: int | None = None,
+        self,
+        *,
+        after_position: int = 0,
+        limit: int | None = None,
         batch_size: int = 1000,
     ) -> Iterator[RecordedEvent]:
         if batch_size < 1:
@@ -745,8 +800,9 @@ class SqlEventStore(EventStore):
 
     def last_position(self) -> int:
         with _translate("read last position"), self._read() as conn:
-            return int(conn.execute(sa.select(sa.func.max(events.c.position))).scalar()
-                       or 0)
+            return int(
+                conn.execute(sa.select(sa.func.max(events.c.position))).scalar() or 0
+            )
 
     def wait_for_events(self, after_position: int, timeout: float) -> bool:
         deadline = time.monotonic() + max(timeout, 0.0)
@@ -782,7 +838,10 @@ class SqlEventStore(EventStore):
         return SandboxState.from_dict(snapshot) if snapshot is not None else None
 
     def list_sandboxes(
-        self, *, states: Sequence[str] = (), host_id: str | None = None,
+        self,
+        *,
+        states: Sequence[str] = (),
+        host_id: str | None = None,
     ) -> list[SandboxState]:
         stmt = sa.select(sandboxes.c.snapshot)
         if states:
@@ -805,8 +864,11 @@ class SqlEventStore(EventStore):
 
     def held_resources(self, host_id: str | None = None) -> list[HeldResource]:
         stmt = sa.select(
-            resources.c.sandbox_id, resources.c.host_id, resources.c.kind,
-            resources.c.name, resources.c.status,
+            resources.c.sandbox_id,
+            resources.c.host_id,
+            resources.c.kind,
+            resources.c.name,
+            resources.c.status,
         ).order_by(resources.c.sandbox_id, resources.c.kind, resources.c.name)
         if host_id is not None:
             stmt = stmt.where(resources.c.host_id == host_id)
@@ -815,8 +877,11 @@ class SqlEventStore(EventStore):
 
     def command(self, command_id: str) -> CommandRecord | None:
         stmt = sa.select(
-            commands.c.command_id, commands.c.stream_id, commands.c.command,
-            commands.c.first_position, commands.c.last_position,
+            commands.c.command_id,
+            commands.c.stream_id,
+            commands.c.command,
+            commands.c.first_position,
+            commands.c.last_position,
             commands.c.recorded_at,
         ).where(commands.c.command_id == command_id)
         with _translate("read command"), self._read() as conn:
@@ -832,18 +897,30 @@ class SqlEventStore(EventStore):
             if rows.sandboxes:
                 conn.execute(sa.insert(sandboxes), list(rows.sandboxes.values()))
             if rows.slots:
-                conn.execute(sa.insert(network_slots), [
-                    {"host_id": h, "slot": s, "sandbox_id": sid}
-                    for (h, s), sid in rows.slots.items()
-                ])
+                conn.execute(
+                    sa.insert(network_slots),
+                    [
+                        {"host_id": h, "slot": s, "sandbox_id": sid}
+                        for (h, s), sid in rows.slots.items()
+                    ],
+                )
             if rows.resources:
-                conn.execute(sa.insert(resources), [
-                    {"sandbox_id": sid, "kind": k, "name": n, "host_id": h,
-                     "status": st}
-                    for (sid, k, n), (h, st) in rows.resources.items()
-                ])
-        logger.info("rebuilt the projections of %d sandboxes from %d events",
-                    len(states), count)
+                conn.execute(
+                    sa.insert(resources),
+                    [
+                        {
+                            "sandbox_id": sid,
+                            "kind": k,
+                            "name": n,
+                            "host_id": h,
+                            "status": st,
+                        }
+                        for (sid, k, n), (h, st) in rows.resources.items()
+                    ],
+                )
+        logger.info(
+            "rebuilt the projections of %d sandboxes from %d events", len(states), count
+        )
         return count
 
     def verify_projections(self) -> list[ProjectionDifference]:
@@ -855,16 +932,26 @@ class SqlEventStore(EventStore):
                 for row in conn.execute(sa.select(sandboxes)).mappings()
             }
             stored_slots = {
-                (h, int(s)): sid for h, s, sid in conn.execute(sa.select(
-                    network_slots.c.host_id, network_slots.c.slot,
-                    network_slots.c.sandbox_id,
-                ))
+                (h, int(s)): sid
+                for h, s, sid in conn.execute(
+                    sa.select(
+                        network_slots.c.host_id,
+                        network_slots.c.slot,
+                        network_slots.c.sandbox_id,
+                    )
+                )
             }
             stored_resources = {
-                (sid, k, n): (h, st) for sid, k, n, h, st in conn.execute(sa.select(
-                    resources.c.sandbox_id, resources.c.kind, resources.c.name,
-                    resources.c.host_id, resources.c.status,
-                ))
+                (sid, k, n): (h, st)
+                for sid, k, n, h, st in conn.execute(
+                    sa.select(
+                        resources.c.sandbox_id,
+                        resources.c.kind,
+                        resources.c.name,
+                        resources.c.host_id,
+                        resources.c.status,
+                    )
+                )
             }
 
         differences: list[ProjectionDifference] = []
@@ -876,26 +963,41 @@ class SqlEventStore(EventStore):
                     ProjectionDifference("sandboxes", key, stored, fresh)
                 )
                 continue
-            fresh = {**fresh, "config_summary": _json_clean(fresh["config_summary"]),
-                     "snapshot": _json_clean(fresh["snapshot"])}
+            fresh = {
+                **fresh,
+                "config_summary": _json_clean(fresh["config_summary"]),
+                "snapshot": _json_clean(fresh["snapshot"]),
+            }
             columns = [c for c in fresh if stored.get(c) != fresh[c]]
             if columns:
-                differences.append(ProjectionDifference(
-                    "sandboxes", key, {c: stored.get(c) for c in columns},
-                    {c: fresh[c] for c in columns},
-                ))
+                differences.append(
+                    ProjectionDifference(
+                        "sandboxes",
+                        key,
+                        {c: stored.get(c) for c in columns},
+                        {c: fresh[c] for c in columns},
+                    )
+                )
         for slot_key in sorted(stored_slots.keys() | rebuilt.slots.keys()):
             if stored_slots.get(slot_key) != rebuilt.slots.get(slot_key):
-                differences.append(ProjectionDifference(
-                    "network_slots", f"{slot_key[0]}/{slot_key[1]}",
-                    stored_slots.get(slot_key), rebuilt.slots.get(slot_key),
-                ))
+                differences.append(
+                    ProjectionDifference(
+                        "network_slots",
+                        f"{slot_key[0]}/{slot_key[1]}",
+                        stored_slots.get(slot_key),
+                        rebuilt.slots.get(slot_key),
+                    )
+                )
         for res_key in sorted(stored_resources.keys() | rebuilt.resources.keys()):
             if stored_resources.get(res_key) != rebuilt.resources.get(res_key):
-                differences.append(ProjectionDifference(
-                    "resources", f"{res_key[0]}/{res_key[1]}:{res_key[2]}",
-                    stored_resources.get(res_key), rebuilt.resources.get(res_key),
-                ))
+                differences.append(
+                    ProjectionDifference(
+                        "resources",
+                        f"{res_key[0]}/{res_key[1]}:{res_key[2]}",
+                        stored_resources.get(res_key),
+                        rebuilt.resources.get(res_key),
+                    )
+                )
         return differences
 
     def _fold_all(self, conn: Connection) -> tuple[dict[str, SandboxState], int]:
@@ -936,25 +1038,42 @@ class SqlEventStore(EventStore):
 
     def stats(self) -> StoreStats:
         with _translate("read stats"), self._read(snapshot=True) as conn:
-            count = int(conn.execute(sa.select(sa.func.count()).select_from(events))
-                        .scalar_one())
-            last = int(conn.execute(sa.select(sa.func.max(events.c.position)))
-                       .scalar() or 0)
+            count = int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(events)
+                ).scalar_one()
+            )
+            last = int(
+                conn.execute(sa.select(sa.func.max(events.c.position))).scalar() or 0
+            )
             by_state = {
-                str(state): int(n) for state, n in conn.execute(
-                    sa.select(sandboxes.c.state, sa.func.count())
-                    .group_by(sandboxes.c.state)
+                str(state): int(n)
+                for state, n in conn.execute(
+                    sa.select(sandboxes.c.state, sa.func.count()).group_by(
+                        sandboxes.c.state
+                    )
                 )
             }
-            extra: dict[str, Any] = {"backend": self._backend,
-                                     "sandboxes_by_state": by_state}
-            for name, table in (("network_slots", network_slots),
-                                ("resources", resources), ("commands", commands)):
-                extra[name] = int(conn.execute(
-                    sa.select(sa.func.count()).select_from(table)
-                ).scalar_one())
-        return StoreStats(events=count, streams=sum(by_state.values()),
-                          last_position=last, extra=extra)
+            extra: dict[str, Any] = {
+                "backend": self._backend,
+                "sandboxes_by_state": by_state,
+            }
+            for name, table in (
+                ("network_slots", network_slots),
+                ("resources", resources),
+                ("commands", commands),
+            ):
+                extra[name] = int(
+                    conn.execute(
+                        sa.select(sa.func.count()).select_from(table)
+                    ).scalar_one()
+                )
+        return StoreStats(
+            events=count,
+            streams=sum(by_state.values()),
+            last_position=last,
+            extra=extra,
+        )
 
     def close(self) -> None:
         """Stop the listener and close every pooled connection. Idempotent."""
@@ -1003,8 +1122,20 @@ class _Decoder:
         self._time = datetime.min.replace(tzinfo=UTC)
 
     def __call__(self, row: Sequence[Any]) -> RecordedEvent:
-        (position, stream_id, version, type_, schema_version, data, actor,
-         host_id, command_id, correlation_id, causation_id, recorded_at) = row
+        (
+            position,
+            stream_id,
+            version,
+            type_,
+            schema_version,
+            data,
+            actor,
+            host_id,
+            command_id,
+            correlation_id,
+            causation_id,
+            recorded_at,
+        ) = row
         if isinstance(data, str):
             data = _json_text(data)
 
@@ -1021,15 +1152,27 @@ class _Decoder:
         meta_key = (actor, host_id, command_id, correlation_id, causation_id)
         if meta_key != self._meta_key:
             self._meta_key = meta_key
-            self._meta = Metadata(actor=actor, correlation_id=correlation_id,
-                                  causation_id=causation_id, command_id=command_id,
-                                  host_id=host_id)
+            self._meta = Metadata(
+                actor=actor,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                command_id=command_id,
+                host_id=host_id,
+            )
         if recorded_at != self._time_key:
             self._time_key = recorded_at
             self._time = _utc(recorded_at)
 
-        return RecordedEvent(position, stream_id, version, type_, schema_version,
-                             data, self._meta, self._time)
+        return RecordedEvent(
+            position,
+            stream_id,
+            version,
+            type_,
+            schema_version,
+            data,
+            self._meta,
+            self._time,
+        )
 
 
 _scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
@@ -1114,8 +1257,9 @@ class _PgListener:
                             self._cond.notify_all()
         except (psycopg.Error, ValueError) as exc:
             if not self._stop.is_set():
-                logger.warning("listening for new events failed, polling instead: "
-                               "%s", exc)
+                logger.warning(
+                    "listening for new events failed, polling instead: %s", exc
+                )
             with self._cond:
                 self.failed = True
                 self._cond.notify_all()

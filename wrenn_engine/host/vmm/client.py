@@ -50,8 +50,9 @@ class _UnixConnection(http.client.HTTPConnection):
 class VmmClient:
     """cloud-hypervisor's API at ``socket_path``; ``timeout`` is per request."""
 
-    def __init__(self, socket_path: str, timeout: float = 5.0,
-                 recorder: Recorder | None = None) -> None:
+    def __init__(
+        self, socket_path: str, timeout: float = 5.0, recorder: Recorder | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self.recorder = recorder
@@ -120,14 +121,16 @@ class VmmClient:
         try:
             value = json.loads(data)
         except ValueError as exc:
-            raise VmmError(endpoint, status, f"answer is not JSON: {data[:200]!r}") \
-                from exc
+            raise VmmError(
+                endpoint, status, f"answer is not JSON: {data[:200]!r}"
+            ) from exc
         if not isinstance(value, dict):
             raise VmmError(endpoint, status, f"answer is not a JSON object: {value!r}")
         return value
 
-    def _call(self, method: str, endpoint: str,
-              body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    def _call(
+        self, method: str, endpoint: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, bytes]:
         path = f"{API_ROOT}/{endpoint}"
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}

@@ -18,8 +18,9 @@ MIB = 1024 * 1024
 SERIAL_LOG_NAME = "serial.log"
 
 
-def build_vm_config(config: VMConfig, disk: DiskSpec, *,
-                    serial_path: str | None = None) -> dict[str, Any]:
+def build_vm_config(
+    config: VMConfig, disk: DiskSpec, *, serial_path: str | None = None
+) -> dict[str, Any]:
     """A ``vm.create`` body for ``config`` with ``disk`` as its root disk.
 
     ``serial_path``: file that receives the guest's serial console (the

@@ -100,15 +100,19 @@ class CloudHypervisorDriver:
         else:
             program = [self._binary(spec.binary)]
             extra = ()
-        return launcher.vmm_argv(spec, program, verbose=self.settings.verbose,
-                                 extra=extra)
+        return launcher.vmm_argv(
+            spec, program, verbose=self.settings.verbose, extra=extra
+        )
 
     def launch(self, spec: VmmSpec, timeout: float) -> VmmProcess:
         """Start the VMM in ``spec.netns`` and wait for its API (see ``launcher``)."""
-        environment = {launcher.OWNER_ENV: self.owner,
-                       launcher.SANDBOX_ENV: spec.sandbox_id}
-        process = launcher.launch(spec, self.command(spec), timeout,
-                                  environment=environment)
+        environment = {
+            launcher.OWNER_ENV: self.owner,
+            launcher.SANDBOX_ENV: spec.sandbox_id,
+        }
+        process = launcher.launch(
+            spec, self.command(spec), timeout, environment=environment
+        )
         with self._lock:
             self._sandboxes[spec.socket_path] = spec.sandbox_id
         return process
@@ -119,7 +123,8 @@ class CloudHypervisorDriver:
             path = shutil.which(path) or path
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise VmmError(
-                "vmm.launch", None,
+                "vmm.launch",
+                None,
                 f"{path} is not an executable file; install cloud-hypervisor there, "
                 f"or set vmm_bin to its path, or to {SIMULATOR!r} for the simulator",
             )
@@ -129,14 +134,19 @@ class CloudHypervisorDriver:
 
     def client(self, socket_path: str, timeout: float | None = None) -> VmmClient:
         """A client for the VMM at ``socket_path`` with this driver's settings."""
-        return VmmClient(socket_path,
-                         self.settings.api_timeout_s if timeout is None else timeout,
-                         recorder=self.settings.recorder)
+        return VmmClient(
+            socket_path,
+            self.settings.api_timeout_s if timeout is None else timeout,
+            recorder=self.settings.recorder,
+        )
 
     def create_vm(self, socket_path: str, config: VMConfig, disk: DiskSpec) -> None:
         """``vm.create`` with the VmConfig built from ``config`` and ``disk``."""
-        serial = (os.path.join(config.sandbox_dir, SERIAL_LOG_NAME)
-                  if self.settings.serial_log and config.sandbox_dir else None)
+        serial = (
+            os.path.join(config.sandbox_dir, SERIAL_LOG_NAME)
+            if self.settings.serial_log and config.sandbox_dir
+            else None
+        )
         body = build_vm_config(config, disk, serial_path=serial)
         self.client(socket_path).create(body)
         with self._lock:
@@ -148,8 +158,12 @@ class CloudHypervisorDriver:
         client.boot()
         state = client.info().get("state")
         if state != "Running":
-            raise VmmError("vm.info", 200, f"the VM is {state} after vm.boot, not "
-                           "Running; look at the VMM log in the sandbox directory")
+            raise VmmError(
+                "vm.info",
+                200,
+                f"the VM is {state} after vm.boot, not "
+                "Running; look at the VMM log in the sandbox directory",
+            )
         logger.debug("sandbox %s: VM running", self._sandbox(socket_path))
 
     def pause(self, socket_path: str) -> None:
@@ -191,17 +205,26 @@ class CloudHypervisorDriver:
                     logger.debug("sandbox %s: %s", sandbox, exc)
             code = launcher.wait_exit(process, max(0.0, deadline - time.monotonic()))
             if code is None and not launcher.terminate(
-                process, grace=self.settings.term_grace_s,
-                kill_wait=self.settings.kill_wait_s, sandbox_id=sandbox,
+                process,
+                grace=self.settings.term_grace_s,
+                kill_wait=self.settings.kill_wait_s,
+                sandbox_id=sandbox,
             ):
-                raise VmmError("vmm.shutdown", None,
-                               f"VMM pid {process.pid} is still there "
-                               f"{self.settings.kill_wait_s:g}s after SIGKILL")
+                raise VmmError(
+                    "vmm.shutdown",
+                    None,
+                    f"VMM pid {process.pid} is still there "
+                    f"{self.settings.kill_wait_s:g}s after SIGKILL",
+                )
 
         launcher.forget(process)
         if not launcher.remove_socket_files(socket_path):
-            logger.warning("sandbox %s: %s still answers after VMM pid %d exited; "
-                           "left in place", sandbox, socket_path, process.pid)
+            logger.warning(
+                "sandbox %s: %s still answers after VMM pid %d exited; left in place",
+                sandbox,
+                socket_path,
+                process.pid,
+            )
         with self._lock:
             self._sandboxes.pop(socket_path, None)
 
@@ -215,14 +238,19 @@ class CloudHypervisorDriver:
 
     # --- events -------------------------------------------------------------
 
-    def follow_events(self, spec: VmmSpec, process: VmmProcess,
-                      on_event: Callable[[VmmEvent], None],
-                      on_exit: Callable[[GuestExit], None] | None = None,
-                      ) -> EventMonitor:
+    def follow_events(
+        self,
+        spec: VmmSpec,
+        process: VmmProcess,
+        on_event: Callable[[VmmEvent], None],
+        on_exit: Callable[[GuestExit], None] | None = None,
+    ) -> EventMonitor:
         """A started :class:`EventMonitor` on ``spec``'s event file that also
         notices the process exiting."""
         return EventMonitor(
-            spec.event_monitor_path, on_event, on_exit=on_exit,
+            spec.event_monitor_path,
+            on_event,
+            on_exit=on_exit,
             is_alive=lambda: launcher.is_running(process),
             sandbox_id=spec.sandbox_id,
         ).start()
@@ -260,8 +288,9 @@ class CloudHypervisorDriver:
                 raise ResourceBusy("API socket", name, "a process answers on it")
             return
         if kind != "vmm":
-            raise ConfigError("kind", f"{kind!r} is not a VMM leftover kind",
-                              limit="vmm or socket")
+            raise ConfigError(
+                "kind", f"{kind!r} is not a VMM leftover kind", limit="vmm or socket"
+            )
         try:
             pid = int(name)
         except ValueError as exc:
@@ -273,16 +302,22 @@ class CloudHypervisorDriver:
         if env is None or info is None or argv is None:
             return
         if env.get(launcher.OWNER_ENV) != self.owner:
-            raise HostError(f"pid {pid} is not a VMM this engine started (no "
-                            f"{launcher.OWNER_ENV}={self.owner} mark); left alone")
+            raise HostError(
+                f"pid {pid} is not a VMM this engine started (no "
+                f"{launcher.OWNER_ENV}={self.owner} mark); left alone"
+            )
 
         sandbox = env.get(launcher.SANDBOX_ENV, "")
         process = VmmProcess(pid, info[1], argv)
-        if not launcher.terminate(process, grace=self.settings.term_grace_s,
-                                  kill_wait=self.settings.kill_wait_s,
-                                  sandbox_id=sandbox):
-            raise VmmError("vmm.shutdown", None,
-                           f"leftover VMM pid {pid} survived SIGKILL")
+        if not launcher.terminate(
+            process,
+            grace=self.settings.term_grace_s,
+            kill_wait=self.settings.kill_wait_s,
+            sandbox_id=sandbox,
+        ):
+            raise VmmError(
+                "vmm.shutdown", None, f"leftover VMM pid {pid} survived SIGKILL"
+            )
         socket_path = launcher.api_socket_of(argv)
         if socket_path:
             launcher.remove_socket_files(socket_path)

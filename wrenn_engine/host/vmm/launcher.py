@@ -82,22 +82,34 @@ def check_spec(spec: VmmSpec) -> None:
         paths["restore_from"] = spec.restore_from
     for name, value in paths.items():
         if not value.startswith("/") or "\x00" in value:
-            raise ConfigError(name, f"{value!r} is not an absolute path",
-                              hint="give the full path, starting with '/'")
+            raise ConfigError(
+                name,
+                f"{value!r} is not an absolute path",
+                hint="give the full path, starting with '/'",
+            )
         if "," in value or any(part == ".." for part in value.split("/")):
-            raise ConfigError(name, f"{value!r} contains ',' or '..'",
-                              limit="no ',' (the VMM's option syntax) and no '..'")
+            raise ConfigError(
+                name,
+                f"{value!r} contains ',' or '..'",
+                limit="no ',' (the VMM's option syntax) and no '..'",
+            )
 
     size = len(spec.socket_path.encode())
     if size > UNIX_SOCKET_PATH_MAX:
-        raise ConfigError("socket_path", f"{spec.socket_path!r} is {size} bytes long",
-                          limit=f"{UNIX_SOCKET_PATH_MAX} bytes for a unix socket path",
-                          hint="use a shorter directory or sandbox id")
-    if spec.netns and (len(spec.netns) > NETNS_NAME_MAX
-                       or not NETNS_RE.match(spec.netns)):
-        raise ConfigError("netns", f"{spec.netns!r} is not a network namespace name",
-                          limit=f"letters, digits, '.', '-', '_'; at most "
-                                f"{NETNS_NAME_MAX} bytes")
+        raise ConfigError(
+            "socket_path",
+            f"{spec.socket_path!r} is {size} bytes long",
+            limit=f"{UNIX_SOCKET_PATH_MAX} bytes for a unix socket path",
+            hint="use a shorter directory or sandbox id",
+        )
+    if spec.netns and (
+        len(spec.netns) > NETNS_NAME_MAX or not NETNS_RE.match(spec.netns)
+    ):
+        raise ConfigError(
+            "netns",
+            f"{spec.netns!r} is not a network namespace name",
+            limit=f"letters, digits, '.', '-', '_'; at most {NETNS_NAME_MAX} bytes",
+        )
 
 
 def ensure_sandbox_dir(path: str) -> None:
@@ -114,13 +126,18 @@ def ensure_sandbox_dir(path: str) -> None:
 
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise ConfigError("sandbox_dir", f"{path} exists and is not a directory "
-                          "(a symbolic link is never followed)",
-                          hint="remove it, or choose another sandbox_dir")
+        raise ConfigError(
+            "sandbox_dir",
+            f"{path} exists and is not a directory (a symbolic link is never followed)",
+            hint="remove it, or choose another sandbox_dir",
+        )
     if info.st_uid != os.geteuid():
-        raise ConfigError("sandbox_dir", f"{path} is owned by uid {info.st_uid}, not "
-                          f"by this engine (uid {os.geteuid()})",
-                          hint="remove it, or choose another sandbox_dir")
+        raise ConfigError(
+            "sandbox_dir",
+            f"{path} is owned by uid {info.st_uid}, not "
+            f"by this engine (uid {os.geteuid()})",
+            hint="remove it, or choose another sandbox_dir",
+        )
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
 
@@ -202,17 +219,25 @@ def _unlink(path: str) -> None:
 # --- starting ---------------------------------------------------------------------
 
 
-def vmm_argv(spec: VmmSpec, program: Sequence[str], *, verbose: bool = True,
-             extra: Sequence[str] = ()) -> list[str]:
+def vmm_argv(
+    spec: VmmSpec,
+    program: Sequence[str],
+    *,
+    verbose: bool = True,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """cloud-hypervisor's command line for ``spec`` (the simulator takes the same).
 
     ``program`` is the binary, or the interpreter and script of the simulator.
     """
     argv = [
         *program,
-        "--api-socket", f"path={spec.socket_path}",
-        "--event-monitor", f"path={spec.event_monitor_path}",
-        "--log-file", spec.log_path,
+        "--api-socket",
+        f"path={spec.socket_path}",
+        "--event-monitor",
+        f"path={spec.event_monitor_path}",
+        "--log-file",
+        spec.log_path,
     ]
     if verbose:
         argv.append("-v")
@@ -221,8 +246,13 @@ def vmm_argv(spec: VmmSpec, program: Sequence[str], *, verbose: bool = True,
     return argv + list(extra)
 
 
-def launch(spec: VmmSpec, argv: Sequence[str], timeout: float, *,
-           environment: Mapping[str, str]) -> VmmProcess:
+def launch(
+    spec: VmmSpec,
+    argv: Sequence[str],
+    timeout: float,
+    *,
+    environment: Mapping[str, str],
+) -> VmmProcess:
     """Start ``argv`` in ``spec.netns`` and wait until its API answers a ping.
 
     ``environment`` is added to the engine's environment (the markers). On
@@ -233,13 +263,17 @@ def launch(spec: VmmSpec, argv: Sequence[str], timeout: float, *,
     try:
         ensure_sandbox_dir(spec.sandbox_dir)
         clear_stale_socket(spec.socket_path, spec.sandbox_id)
-        log_fd = os.open(spec.log_path,
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-                         | os.O_NOFOLLOW, 0o600)
+        log_fd = os.open(
+            spec.log_path,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
     except OSError as exc:
-        raise VmmError("vmm.launch", None,
-                       f"cannot prepare {exc.filename or spec.sandbox_dir}: "
-                       f"{exc.strerror}") from exc
+        raise VmmError(
+            "vmm.launch",
+            None,
+            f"cannot prepare {exc.filename or spec.sandbox_dir}: {exc.strerror}",
+        ) from exc
 
     command = list(argv)
     if spec.netns:
@@ -247,12 +281,18 @@ def launch(spec: VmmSpec, argv: Sequence[str], timeout: float, *,
     env = {**os.environ, **environment}
     try:
         child = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-            env=env, close_fds=True, start_new_session=True,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            env=env,
+            close_fds=True,
+            start_new_session=True,
         )
     except OSError as exc:
-        raise VmmError("vmm.launch", None,
-                       f"cannot start {command[0]}: {exc.strerror}") from exc
+        raise VmmError(
+            "vmm.launch", None, f"cannot start {command[0]}: {exc.strerror}"
+        ) from exc
     finally:
         os.close(log_fd)
 
@@ -266,29 +306,41 @@ def launch(spec: VmmSpec, argv: Sequence[str], timeout: float, *,
         raise
 
     _remember(process, child)
-    logger.info("sandbox %s: VMM pid %d answers on %s after %.0f ms", spec.sandbox_id,
-                process.pid, spec.socket_path, (time.monotonic() - started) * 1000)
+    logger.info(
+        "sandbox %s: VMM pid %d answers on %s after %.0f ms",
+        spec.sandbox_id,
+        process.pid,
+        spec.socket_path,
+        (time.monotonic() - started) * 1000,
+    )
     return process
 
 
-def _wait_for_api(child: subprocess.Popen[bytes], spec: VmmSpec,
-                  timeout: float) -> dict[str, Any]:
+def _wait_for_api(
+    child: subprocess.Popen[bytes], spec: VmmSpec, timeout: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     delay = _POLL_FIRST_S
     last = "the socket was never created"
     while True:
         code = child.poll()
         if code is not None:
-            raise VmmError("vmm.launch", None,
-                           f"the VMM exited with status {code} before its API "
-                           f"answered; {spec.log_path} ends with: "
-                           f"{log_tail(spec.log_path)}")
+            raise VmmError(
+                "vmm.launch",
+                None,
+                f"the VMM exited with status {code} before its API "
+                f"answered; {spec.log_path} ends with: "
+                f"{log_tail(spec.log_path)}",
+            )
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise VmmError("vmm.launch", None,
-                           f"the API on {spec.socket_path} did not answer within "
-                           f"{timeout:g}s ({last}); {spec.log_path} ends with: "
-                           f"{log_tail(spec.log_path)}")
+            raise VmmError(
+                "vmm.launch",
+                None,
+                f"the API on {spec.socket_path} did not answer within "
+                f"{timeout:g}s ({last}); {spec.log_path} ends with: "
+                f"{log_tail(spec.log_path)}",
+            )
 
         if os.path.exists(spec.socket_path):
             client = VmmClient(spec.socket_path, min(remaining, _PING_TIMEOUT_S))
@@ -300,21 +352,29 @@ def _wait_for_api(child: subprocess.Popen[bytes], spec: VmmSpec,
         delay = min(delay * 2, _POLL_MAX_S)
 
 
-def _identify(child: subprocess.Popen[bytes], ping: dict[str, Any],
-              spec: VmmSpec) -> VmmProcess:
+def _identify(
+    child: subprocess.Popen[bytes], ping: dict[str, Any], spec: VmmSpec
+) -> VmmProcess:
     answering = ping.get("pid")
     if isinstance(answering, int) and answering != child.pid:
-        raise ResourceBusy("API socket", spec.socket_path,
-                           f"pid {answering} answers on it, not the VMM just "
-                           f"started (pid {child.pid})")
+        raise ResourceBusy(
+            "API socket",
+            spec.socket_path,
+            f"pid {answering} answers on it, not the VMM just "
+            f"started (pid {child.pid})",
+        )
     # The command line as the kernel reports it: a script's interpreter shows
     # up in front of the argv the engine passed.
     info = read_stat(child.pid)
     cmdline = read_cmdline(child.pid)
     if info is None or cmdline is None:
-        raise VmmError("vmm.launch", None, f"pid {child.pid} vanished after "
-                       f"answering; {spec.log_path} ends with: "
-                       f"{log_tail(spec.log_path)}")
+        raise VmmError(
+            "vmm.launch",
+            None,
+            f"pid {child.pid} vanished after "
+            f"answering; {spec.log_path} ends with: "
+            f"{log_tail(spec.log_path)}",
+        )
     return VmmProcess(pid=child.pid, start_time=info[1], argv=cmdline)
 
 
@@ -367,7 +427,7 @@ def read_stat(pid: int) -> tuple[str, int] | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may hold spaces and parentheses: split after it.
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     return fields[0].decode(), int(fields[19])
 
 
@@ -445,8 +505,9 @@ def _wait_readable(fd: int, timeout: float) -> bool:
     return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
-def terminate(process: VmmProcess, *, grace: float, kill_wait: float,
-              sandbox_id: str = "") -> bool:
+def terminate(
+    process: VmmProcess, *, grace: float, kill_wait: float, sandbox_id: str = ""
+) -> bool:
     """SIGTERM, then SIGKILL after ``grace``; True once the process is gone.
 
     Signals go through a pidfd, and only after the pid is checked to still be
@@ -461,8 +522,12 @@ def terminate(process: VmmProcess, *, grace: float, kill_wait: float,
         if not is_running(process):
             return True
         for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
-            logger.warning("sandbox %s: sending %s to VMM pid %d", sandbox_id,
-                           signal.Signals(signum).name, process.pid)
+            logger.warning(
+                "sandbox %s: sending %s to VMM pid %d",
+                sandbox_id,
+                signal.Signals(signum).name,
+                process.pid,
+            )
             try:
                 signal.pidfd_send_signal(pidfd, signum)
             except ProcessLookupError:
@@ -500,7 +565,7 @@ def api_socket_of(argv: Sequence[str]) -> str | None:
     for i, arg in enumerate(argv[:-1]):
         if arg == "--api-socket":
             value = argv[i + 1]
-            return value[len("path="):] if value.startswith("path=") else value
+            return value[len("path=") :] if value.startswith("path=") else value
     return None
 
 

@@ -76,8 +76,13 @@ class VmmEvent:
         properties = data.get("properties") or {}
         if not isinstance(properties, dict):
             raise ValueError("event properties are an object or null")
-        return cls(source, event, stamp["secs"], stamp["nanos"],
-                   {str(k): str(v) for k, v in properties.items()})
+        return cls(
+            source,
+            event,
+            stamp["secs"],
+            stamp["nanos"],
+            {str(k): str(v) for k, v in properties.items()},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -202,10 +207,16 @@ class EventMonitor:
     False the file is read one last time and the thread ends.
     """
 
-    def __init__(self, path: str, on_event: Callable[[VmmEvent], None], *,
-                 on_exit: Callable[[GuestExit], None] | None = None,
-                 is_alive: Callable[[], bool] | None = None,
-                 sandbox_id: str = "", poll_interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        path: str,
+        on_event: Callable[[VmmEvent], None],
+        *,
+        on_exit: Callable[[GuestExit], None] | None = None,
+        is_alive: Callable[[], bool] | None = None,
+        sandbox_id: str = "",
+        poll_interval: float = 0.05,
+    ) -> None:
         self.path = path
         self.on_event = on_event
         self.on_exit = on_exit
@@ -220,8 +231,9 @@ class EventMonitor:
         self._exit: GuestExit | None = None
         self._file: Any = None
         self._inode: tuple[int, int] | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"vmm-events-{sandbox_id or path}")
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"vmm-events-{sandbox_id or path}"
+        )
 
     # --- control ------------------------------------------------------------
 
@@ -307,8 +319,12 @@ class EventMonitor:
         if identity == self._inode and not truncated:
             return
         if self._file is not None:
-            logger.info("sandbox %s: event file %s was replaced or truncated; "
-                        "reading it from the start", self.sandbox_id, self.path)
+            logger.info(
+                "sandbox %s: event file %s was replaced or truncated; "
+                "reading it from the start",
+                self.sandbox_id,
+                self.path,
+            )
             self._file.close()
         self._file = open(self.path, "rb")  # noqa: SIM115 - held across reads
         self._inode = identity
@@ -322,21 +338,27 @@ class EventMonitor:
         try:
             self.on_event(event)
         except Exception:
-            logger.exception("sandbox %s: on_event failed for %s", self.sandbox_id,
-                             event.name)
+            logger.exception(
+                "sandbox %s: on_event failed for %s", self.sandbox_id, event.name
+            )
         if kind is not None:
             self._report(GuestExit(kind, f"event {event.name}", event))
 
     def _report(self, notice: GuestExit) -> None:
         with self._lock:
             if self._exit is not None or (
-                notice.kind == VMM_EXIT and notice.event is None
+                notice.kind == VMM_EXIT
+                and notice.event is None
                 and self._shutdown_expected
             ):
                 return
             self._exit = notice
-        logger.warning("sandbox %s: VM ended without the engine asking: %s (%s)",
-                       self.sandbox_id, notice.kind, notice.detail)
+        logger.warning(
+            "sandbox %s: VM ended without the engine asking: %s (%s)",
+            self.sandbox_id,
+            notice.kind,
+            notice.detail,
+        )
         if self.on_exit is not None:
             try:
                 self.on_exit(notice)
@@ -346,5 +368,9 @@ class EventMonitor:
     def _warn_skipped(self) -> None:
         while self._parser.skipped:
             text = self._parser.skipped.pop(0)
-            logger.warning("sandbox %s: skipped text in %s that is not an event: %r",
-                           self.sandbox_id, self.path, text)
+            logger.warning(
+                "sandbox %s: skipped text in %s that is not an event: %r",
+                self.sandbox_id,
+                self.path,
+                text,
+            )

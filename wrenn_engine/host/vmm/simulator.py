@@ -181,6 +181,7 @@ REASONS = {
     500: "Internal Server Error",
 }
 
+
 class ApiError(Exception):
     """An API failure: its HTTP status and the error chain, outermost first."""
 
@@ -207,8 +208,9 @@ def failed(action: str, reason: str) -> ApiError:
 
 
 def not_created(action: str) -> ApiError:
-    return ApiError(404, "Error from API", f"The VM could not {action}",
-                    "VM is not created")
+    return ApiError(
+        404, "Error from API", f"The VM could not {action}", "VM is not created"
+    )
 
 
 # --- command line -----------------------------------------------------------------
@@ -254,8 +256,9 @@ def _flag(value: str, option: str) -> bool:
 def parse_restore(text: str) -> JsonObject:
     """``--restore`` as a RestoreConfig dict."""
     values = parse_option_list(text)
-    unknown = sorted(set(values) - {"source_url", "prefault", "memory_restore_mode",
-                                    "resume"})
+    unknown = sorted(
+        set(values) - {"source_url", "prefault", "memory_restore_mode", "resume"}
+    )
     if unknown or "source_url" not in values:
         raise UsageError(
             "--restore: expected source_url=file://<dir>[,prefault=on|off]"
@@ -367,8 +370,9 @@ class EventWriter:
         self.fd = fd
         self.start = start
 
-    def emit(self, source: str, event: str,
-             properties: dict[str, str] | None = None) -> None:
+    def emit(
+        self, source: str, event: str, properties: dict[str, str] | None = None
+    ) -> None:
         if self.fd is None:
             return
         elapsed = time.monotonic() - self.start
@@ -391,8 +395,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_fields(obj: object, where: str, types: dict[str, str],
-                  required: tuple[str, ...] = ()) -> JsonObject:
+def _check_fields(
+    obj: object, where: str, types: dict[str, str], required: tuple[str, ...] = ()
+) -> JsonObject:
     """Type-check ``obj`` the way serde would: a wrong type fails with 400."""
     if not isinstance(obj, dict):
         raise bad_request(f"{where}: expected an object")
@@ -413,23 +418,34 @@ def _check_fields(obj: object, where: str, types: dict[str, str],
     return obj
 
 
-def _check_enum(obj: JsonObject, name: str, allowed: tuple[str, ...],
-                where: str) -> None:
+def _check_enum(
+    obj: JsonObject, name: str, allowed: tuple[str, ...], where: str
+) -> None:
     if name in obj and obj[name] not in allowed:
-        raise bad_request(f"{where}.{name}: unknown variant {obj[name]!r}, "
-                          f"expected one of {', '.join(allowed)}")
+        raise bad_request(
+            f"{where}.{name}: unknown variant {obj[name]!r}, "
+            f"expected one of {', '.join(allowed)}"
+        )
 
 
 def check_vm_config(config: object) -> JsonObject:
     """The parts of a VmConfig the simulator uses, type-checked (400 if not)."""
     config = _check_fields(config, "VmConfig", {}, required=("payload",))
-    _check_fields(config["payload"], "payload",
-                  {k: "str" for k in ("kernel", "cmdline", "firmware", "initramfs",
-                                      "igvm", "host_data")})
+    _check_fields(
+        config["payload"],
+        "payload",
+        {
+            k: "str"
+            for k in ("kernel", "cmdline", "firmware", "initramfs", "igvm", "host_data")
+        },
+    )
     if "cpus" in config:
-        _check_fields(config["cpus"], "cpus",
-                      {"boot_vcpus": "uint", "max_vcpus": "uint"},
-                      required=("boot_vcpus", "max_vcpus"))
+        _check_fields(
+            config["cpus"],
+            "cpus",
+            {"boot_vcpus": "uint", "max_vcpus": "uint"},
+            required=("boot_vcpus", "max_vcpus"),
+        )
     if "memory" in config:
         _check_fields(config["memory"], "memory", {"size": "uint"}, required=("size",))
     for key in ("disks", "net"):
@@ -437,20 +453,37 @@ def check_vm_config(config: object) -> JsonObject:
             raise bad_request(f"{key}: expected an array")
     for i, disk in enumerate(config.get("disks") or []):
         where = f"disks[{i}]"
-        _check_fields(disk, where, {
-            "path": "str", "readonly": "bool", "direct": "bool",
-            "backing_files": "bool", "num_queues": "uint", "id": "str",
-        })
+        _check_fields(
+            disk,
+            where,
+            {
+                "path": "str",
+                "readonly": "bool",
+                "direct": "bool",
+                "backing_files": "bool",
+                "num_queues": "uint",
+                "id": "str",
+            },
+        )
         _check_enum(disk, "image_type", IMAGE_TYPES, where)
     for i, net in enumerate(config.get("net") or []):
-        _check_fields(net, f"net[{i}]", {
-            "tap": "str", "mac": "str", "ip": "str", "mask": "str",
-            "num_queues": "uint", "id": "str",
-        })
+        _check_fields(
+            net,
+            f"net[{i}]",
+            {
+                "tap": "str",
+                "mac": "str",
+                "ip": "str",
+                "mask": "str",
+                "num_queues": "uint",
+                "id": "str",
+            },
+        )
     for key in ("serial", "console"):
         if key in config:
-            _check_fields(config[key], key, {"file": "str", "socket": "str"},
-                          required=("mode",))
+            _check_fields(
+                config[key], key, {"file": "str", "socket": "str"}, required=("mode",)
+            )
             _check_enum(config[key], "mode", CONSOLE_MODES, key)
     return config
 
@@ -459,8 +492,9 @@ def validate_vm_config(config: JsonObject) -> None:
     """What upstream refuses when it builds the VM (500 at boot)."""
     cpus = config.get("cpus") or {"boot_vcpus": 1, "max_vcpus": 1}
     if cpus["boot_vcpus"] < 1 or cpus["boot_vcpus"] > cpus["max_vcpus"]:
-        raise failed("boot", "invalid config: boot_vcpus must be between 1 and "
-                             "max_vcpus")
+        raise failed(
+            "boot", "invalid config: boot_vcpus must be between 1 and max_vcpus"
+        )
     memory = config.get("memory") or {"size": 512 << 20}
     if memory["size"] < 1 << 20:
         raise failed("boot", "invalid config: memory size is below 1 MiB")
@@ -509,8 +543,14 @@ def open_payload(payload: JsonObject, action: str) -> None:
             os.close(_open(path, os.O_RDONLY, action, key))
 
 
-def check_qcow2(fd: int, path: str, allow_backing: bool, devices: Devices,
-                action: str, depth: int = 0) -> None:
+def check_qcow2(
+    fd: int,
+    path: str,
+    allow_backing: bool,
+    devices: Devices,
+    action: str,
+    depth: int = 0,
+) -> None:
     """Check a qcow2 header and open its backing chain read-only."""
     header = os.pread(fd, 72, 0)
     if len(header) < 72 or header[:4] != QCOW2_MAGIC:
@@ -551,8 +591,7 @@ def open_disk(disk: JsonObject, devices: Devices, action: str) -> None:
     try:
         fcntl.lockf(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
-        raise failed(action, f"disk image {path} is locked by another process") \
-            from exc
+        raise failed(action, f"disk image {path} is locked by another process") from exc
 
     image_type = disk.get("image_type")
     if image_type is None and os.pread(fd, 4, 0) == QCOW2_MAGIC:
@@ -564,39 +603,49 @@ def open_disk(disk: JsonObject, devices: Devices, action: str) -> None:
 def open_tap(net: JsonObject, devices: Devices, action: str) -> None:
     name = net.get("tap")
     if not name:
-        raise failed(action, "net entry names no TAP device; the simulator does not "
-                             "create TAP devices")
+        raise failed(
+            action,
+            "net entry names no TAP device; the simulator does not create TAP devices",
+        )
     encoded = name.encode()
     if len(encoded) >= IFNAMSIZ:
         raise failed(action, f"TAP name {name!r} is longer than 15 bytes")
     try:
         socket.if_nametoindex(name)
     except OSError as exc:
-        raise failed(action, f"cannot open TAP device {name}: no such device in "
-                             "this network namespace") from exc
+        raise failed(
+            action,
+            f"cannot open TAP device {name}: no such device in this network namespace",
+        ) from exc
 
     pairs = max(1, int(net.get("num_queues", 2)) // 2)
     flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
     request = struct.pack("16sH22x", encoded, flags)
     for _ in range(pairs):
-        fd = devices.keep(_open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK, action,
-                                "TUN control device"))
+        fd = devices.keep(
+            _open(
+                "/dev/net/tun", os.O_RDWR | os.O_NONBLOCK, action, "TUN control device"
+            )
+        )
         try:
             fcntl.ioctl(fd, TUNSETIFF, request)
         except OSError as exc:
-            raise failed(action, f"cannot open TAP device {name}: {exc.strerror}") \
-                from exc
+            raise failed(
+                action, f"cannot open TAP device {name}: {exc.strerror}"
+            ) from exc
 
 
-def open_console(config: JsonObject | None, kind: str, devices: Devices,
-                 action: str) -> None:
+def open_console(
+    config: JsonObject | None, kind: str, devices: Devices, action: str
+) -> None:
     if not config or config.get("mode") != "File":
         return
     path = config.get("file")
     if not path:
         raise failed(action, f"{kind} in File mode needs a file")
-    fd = devices.keep(_open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, action,
-                            f"{kind} file"))
+    fd = devices.keep(
+        _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, action, f"{kind} file")
+    )
     if kind == "serial":
         devices.serial_fd = fd
 
@@ -642,7 +691,7 @@ class Vm:
 def url_to_path(url: object, action: str) -> str:
     if not isinstance(url, str) or not url.startswith("file://"):
         raise failed(action, f"{url!r} is not a file:// URL")
-    return url[len("file://"):]
+    return url[len("file://") :]
 
 
 class Simulator:
@@ -704,13 +753,24 @@ class Simulator:
     # --- endpoints --------------------------------------------------------
 
     def api_ping(self, _: object) -> Reply:
-        return Reply(200, {"build_version": BUILD_VERSION, "version": VERSION,
-                           "pid": os.getpid(), "features": []})
+        return Reply(
+            200,
+            {
+                "build_version": BUILD_VERSION,
+                "version": VERSION,
+                "pid": os.getpid(),
+                "features": [],
+            },
+        )
 
     def api_info(self, _: object) -> Reply:
         if self.config is None:
-            raise ApiError(404, "Error from API", "The VM information could not be "
-                           "retrieved", "VM is not created")
+            raise ApiError(
+                404,
+                "Error from API",
+                "The VM information could not be retrieved",
+                "VM is not created",
+            )
         info: JsonObject = {
             "config": self.config,
             "state": self.vm.state if self.vm else "Created",
@@ -725,11 +785,19 @@ class Simulator:
             raise failed("report counters", "VM is not running")
         counters: JsonObject = {}
         for i, _disk in enumerate(self.config.get("disks") or []):
-            counters[f"_disk{i}"] = {"read_bytes": 0, "read_ops": 0,
-                                     "write_bytes": 0, "write_ops": 0}
+            counters[f"_disk{i}"] = {
+                "read_bytes": 0,
+                "read_ops": 0,
+                "write_bytes": 0,
+                "write_ops": 0,
+            }
         for i, _net in enumerate(self.config.get("net") or []):
-            counters[f"_net{i}"] = {"rx_bytes": 0, "rx_frames": 0,
-                                    "tx_bytes": 0, "tx_frames": 0}
+            counters[f"_net{i}"] = {
+                "rx_bytes": 0,
+                "rx_frames": 0,
+                "tx_bytes": 0,
+                "tx_frames": 0,
+            }
         return Reply(200, counters)
 
     def api_create(self, body: object) -> Reply:
@@ -747,8 +815,7 @@ class Simulator:
         if self.vm is None:
             self.vm = Vm(open_devices(self.config, "boot"), "Created")
         if self.vm.state != "Created":
-            raise failed("boot", f"invalid state transition {self.vm.state} -> "
-                                 "Running")
+            raise failed("boot", f"invalid state transition {self.vm.state} -> Running")
         self.vm.state = "Running"
         self.write_serial("simulated guest booted (no guest runs in the simulator)")
         self.log.info("VM booted")
@@ -780,11 +847,19 @@ class Simulator:
         return Reply(204)
 
     def api_restore(self, body: object) -> Reply:
-        config = _check_fields(body, "RestoreConfig", {
-            "source_url": "str", "prefault": "bool", "resume": "bool",
-        }, required=("source_url",))
-        _check_enum(config, "memory_restore_mode", ("Copy", "OnDemand"),
-                    "RestoreConfig")
+        config = _check_fields(
+            body,
+            "RestoreConfig",
+            {
+                "source_url": "str",
+                "prefault": "bool",
+                "resume": "bool",
+            },
+            required=("source_url",),
+        )
+        _check_enum(
+            config, "memory_restore_mode", ("Copy", "OnDemand"), "RestoreConfig"
+        )
         self.restore(config)
         return Reply(204)
 
@@ -871,8 +946,9 @@ class Simulator:
             self.log.warn("guest panic ignored: no running VM")
             return
         self.events.emit("guest", "panic")
-        self.log.error("guest kernel panicked (test control); exiting like a crashed "
-                       "VMM")
+        self.log.error(
+            "guest kernel panicked (test control); exiting like a crashed VMM"
+        )
         self.exit_code = 1
 
     def write_serial(self, text: str) -> None:
@@ -886,8 +962,12 @@ class Simulator:
         names = [f"_disk{i}" for i, _ in enumerate(self.config.get("disks") or [])]
         names += [f"_net{i}" for i, _ in enumerate(self.config.get("net") or [])]
         for slot, name in enumerate(names, start=1):
-            tree[name] = {"id": name, "resources": [], "children": [],
-                          "pci_bdf": f"0000:00:{slot:02x}.0"}
+            tree[name] = {
+                "id": name,
+                "resources": [],
+                "children": [],
+                "pci_bdf": f"0000:00:{slot:02x}.0",
+            }
         return tree
 
     def write_snapshot(self, directory: str) -> None:
@@ -919,8 +999,9 @@ class Simulator:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise failed(action, f"cannot write the snapshot into {directory}: "
-                                 f"{exc.strerror}") from exc
+            raise failed(
+                action, f"cannot write the snapshot into {directory}: {exc.strerror}"
+            ) from exc
 
     def restore(self, restore: JsonObject) -> None:
         action = "be restored"
@@ -936,8 +1017,9 @@ class Simulator:
             if restore.get("memory_restore_mode", "Copy") == "Copy":
                 os.stat(os.path.join(directory, "memory-ranges"))
         except (OSError, ValueError) as exc:
-            raise failed(action, f"cannot read the snapshot in {directory}: {exc}") \
-                from exc
+            raise failed(
+                action, f"cannot read the snapshot in {directory}: {exc}"
+            ) from exc
         try:
             config = check_vm_config(config)
         except ApiError as exc:
@@ -957,8 +1039,14 @@ class Simulator:
 
 
 class Request:
-    def __init__(self, method: str, target: str, headers: dict[str, str],
-                 body: bytes, version: str) -> None:
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        version: str,
+    ) -> None:
         self.method = method
         self.target = target
         self.headers = headers
@@ -1005,14 +1093,17 @@ class Connection:
                 self.continued = True
                 self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
-        body = bytes(self.buffer[end + 4:total])
+        body = bytes(self.buffer[end + 4 : total])
         del self.buffer[:total]
         self.continued = False
         return Request(parts[0], parts[1], headers, body, parts[2])
 
     def respond(self, status: int, body: bytes | None, close: bool) -> None:
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
-                "Server: Cloud Hypervisor API", "Content-Type: application/json"]
+        head = [
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}",
+            "Server: Cloud Hypervisor API",
+            "Content-Type: application/json",
+        ]
         if body is not None:
             head.append(f"Content-Length: {len(body)}")
         elif status != 204:
@@ -1030,8 +1121,13 @@ class Connection:
 class Server:
     """A single-threaded HTTP/1.1 server for the simulator's API."""
 
-    def __init__(self, listener: socket.socket, simulator: Simulator,
-                 wakeup: socket.socket, pending: list[int]) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        simulator: Simulator,
+        wakeup: socket.socket,
+        pending: list[int],
+    ) -> None:
         self.listener = listener
         self.simulator = simulator
         self.wakeup = wakeup
@@ -1128,7 +1224,9 @@ class Server:
         sim = self.simulator
         path = request.target.split("?", 1)[0]
         if path.startswith(API_ROOT + "/"):
-            reply = sim.dispatch(request.method, path[len(API_ROOT) + 1:], request.body)
+            reply = sim.dispatch(
+                request.method, path[len(API_ROOT) + 1 :], request.body
+            )
         else:
             reply = Reply(404, ["Not Found"])
 
@@ -1136,16 +1234,20 @@ class Server:
             sim.log.info(f"{path}: not answering (--sim-ignore-shutdown)")
             conn.hung = True
             return False
-        close = (request.headers.get("connection", "").lower() == "close"
-                 or request.version == "HTTP/1.0" or reply.after == "exit")
+        close = (
+            request.headers.get("connection", "").lower() == "close"
+            or request.version == "HTTP/1.0"
+            or reply.after == "exit"
+        )
         if not self.send(conn, reply.status, reply.body, close):
             return False
         if reply.after == "poweroff":
             sim.guest_poweroff()
         return not close
 
-    def send(self, conn: Connection, status: int, body: bytes | None,
-             close: bool) -> bool:
+    def send(
+        self, conn: Connection, status: int, body: bytes | None, close: bool
+    ) -> bool:
         try:
             conn.respond(status, body, close)
         except OSError:
@@ -1171,8 +1273,9 @@ def open_api_socket(options: Options) -> tuple[socket.socket, int | None]:
     path = options.api_socket
     assert path is not None
     try:
-        lock_fd = os.open(f"{path}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
-                          0o600)
+        lock_fd = os.open(
+            f"{path}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
     except OSError as exc:
         raise StartupError(f"cannot create {path}.lock: {exc.strerror}") from exc
     try:
@@ -1195,8 +1298,9 @@ def open_api_socket(options: Options) -> tuple[socket.socket, int | None]:
     except OSError as exc:
         listener.close()
         os.close(lock_fd)
-        raise StartupError(f"cannot bind the API socket {path}: {exc.strerror}") \
-            from exc
+        raise StartupError(
+            f"cannot bind the API socket {path}: {exc.strerror}"
+        ) from exc
     listener.setblocking(False)
     return listener, lock_fd
 
