@@ -24,6 +24,7 @@ from wrenn_engine.errors import (
     PipelineError,
     SandboxBusy,
     SandboxNotFound,
+    WrennError,
 )
 from wrenn_engine.lifecycle.steps import Step
 
@@ -425,3 +426,36 @@ def test_wait_times_out_with_the_current_state(engine: Engine, files):
     with pytest.raises(WaitTimeout) as raised:
         engine.wait(sid, "running", timeout=0.2)
     assert raised.value.state == "pending"
+
+
+def test_close_lets_running_commands_finish_and_refuses_new_ones(
+    make_engine: EngineFactory, files
+):
+    engine = make_engine()
+    sid = create(engine, files).id
+    entered, release = threading.Event(), threading.Event()
+    original = engine.drivers.vmm.pause
+
+    def slow_pause(socket: str) -> None:
+        entered.set()
+        release.wait(5)
+        original(socket)
+
+    engine.drivers.vmm.pause = slow_pause  # type: ignore[method-assign]
+    worker = threading.Thread(target=engine.pause, args=(sid,))
+    worker.start()
+    assert entered.wait(5)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waiting for the pause
+
+    with pytest.raises(WrennError, match="closed"):
+        engine.stop(sid)
+    release.set()
+    worker.join(5)
+    closer.join(5)
+
+    assert not closer.is_alive()
+    reopened = make_engine()
+    assert reopened.get(sid).state == "paused"

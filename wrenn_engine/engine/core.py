@@ -85,6 +85,8 @@ class Engine:
         self._locks: dict[str, threading.Lock] = {}
         self._holders: dict[str, str] = {}
         self._changed = threading.Condition()
+        self._idle = threading.Condition()
+        self._active = 0
         self._closed = False
         self._workers: list[Any] = []
         self.monitor = MonitorLog(self)
@@ -132,11 +134,26 @@ class Engine:
         for worker in self._workers:
             worker.start()
 
-    def close(self) -> None:
-        """Stop the workers and close the store. Sandboxes keep running."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Refuse new commands, let the running ones finish (up to
+        ``timeout`` seconds), stop the workers and close the store.
+
+        Sandboxes keep running; the next engine adopts them. A command still
+        running after ``timeout`` is cut off like a crash, and reconcile
+        finishes or undoes it when an engine opens next.
+        """
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._active and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+            if self._active:
+                log.warning(
+                    "closing with %d command(s) still running: %s",
+                    self._active, ", ".join(sorted(self._holders)),
+                )
         for worker in self._workers:
             worker.stop()
         self.store.close()
@@ -508,11 +525,16 @@ class Engine:
             holder = self._holders.get(sandbox_id, "another command")
             raise SandboxBusy(sandbox_id, command, holder)
         self._holders[sandbox_id] = command
+        with self._idle:
+            self._active += 1
         try:
             yield
         finally:
             self._holders.pop(sandbox_id, None)
             lock.release()
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
 
     def try_hold(
         self, sandbox_id: str, what: str

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from wrenn_engine.domain import events as ev
 from wrenn_engine.domain.events import Metadata
 from wrenn_engine.domain.state import SandboxState, State
-from wrenn_engine.errors import SandboxBusy, WrennError
+from wrenn_engine.errors import ConcurrencyError, SandboxBusy, WrennError
 from wrenn_engine.host.base import VmmProcess
 from wrenn_engine.host.vmm.monitor import VmmEvent, read_events
 from wrenn_engine.lifecycle.runner import describe
@@ -171,7 +171,9 @@ class VmmWatcher(Worker):
             try:
                 with self.engine.try_hold(sandbox_id, "vmm watch"):
                     reason = self._check(sandbox_id)
-            except SandboxBusy:
+            except (SandboxBusy, ConcurrencyError):
+                # A command (of this engine or another process) has it; the
+                # events stay in the file until the next tick.
                 continue
             if reason:
                 self._halt(sandbox_id, reason)
