@@ -152,8 +152,10 @@ class RootfsSettings:
 def strategy_unavailable(strategy: str) -> str:
     """Why ``strategy`` cannot run on this host, or ``""`` if it can."""
     if strategy == DM_SNAPSHOT:
-        if not os.path.exists(DM_CONTROL):
-            return f"{DM_CONTROL} is missing (the kernel has no device-mapper)"
+        # /dev/mapper/control alone proves nothing: libdevmapper creates the
+        # node on first use even where the kernel has no driver behind it.
+        if not os.path.exists(DM_CONTROL) or not _kernel_has_device_mapper():
+            return f"the kernel has no device-mapper ({DM_CONTROL} is not backed)"
         missing = [tool for tool in ("dmsetup", "losetup") if not shutil.which(tool)]
         if missing:
             return f"{' and '.join(missing)} not on PATH"
@@ -163,6 +165,15 @@ def strategy_unavailable(strategy: str) -> str:
     if strategy == COPY:
         return ""
     return f"unknown strategy {strategy!r}"
+
+
+def _kernel_has_device_mapper() -> bool:
+    """True when the running kernel registered the device-mapper misc device."""
+    try:
+        with open("/proc/misc") as f:
+            return any(line.split()[1:] == ["device-mapper"] for line in f)
+    except OSError:
+        return False
 
 
 def detect_strategy() -> str:

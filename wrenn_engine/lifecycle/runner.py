@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from transitions import EventData
 
 from wrenn_engine.domain import events as ev
-from wrenn_engine.domain.events import Metadata, RecordedEvent
+from wrenn_engine.domain.events import Metadata, NewEvent, RecordedEvent
 from wrenn_engine.domain.state import SandboxState, StepRecord, evolve
 from wrenn_engine.errors import SlotTaken
 from wrenn_engine.lifecycle.failpoints import Failpoints
@@ -98,22 +98,27 @@ class CommandRun:
     done: list[DoneStep] = field(default_factory=list)
     outcome: RunOutcome | None = None
     _first_append: bool = True
+    _stored_version: int = 0
+    _deferred: list[NewEvent] = field(default_factory=list)
     _failure: tuple[str, BaseException, str] | None = None
     _land_in_error: str | None = None
 
     def __post_init__(self) -> None:
         self.state = str(self.sandbox.state)
         self.ctx.sandbox = self.sandbox
+        self._stored_version = self.sandbox.version
 
     # --- appending --------------------------------------------------------------------
 
     def append(self, *events: ev.Event) -> None:
+        """Append ``events``, after any deferred ones, in one transaction."""
         new = [e.to_new() for e in events]
+        batch = [*self._deferred, *new]
         register = self.command_id if self._first_append else None
         result = self.store.append(
             self.sandbox.id,
-            new,
-            expected_version=self.sandbox.version,
+            batch,
+            expected_version=self._stored_version,
             metadata=self.metadata,
             command_id=register,
             command=self.spec.name,
@@ -121,12 +126,31 @@ class CommandRun:
         if result.replayed:
             raise AlreadyApplied(self.command_id)
         self._first_append = False
+        self._deferred.clear()
+        self._stored_version += len(batch)
+        self._apply(new, result.first_position + len(batch) - len(new))
+        self.on_append(self.sandbox)
+
+    def defer(self, event: ev.Event) -> None:
+        """Record ``event`` with the next append, applying it locally now.
+
+        A step's result rides with the next step's intent (or the
+        transition's end), which halves the commits of a command and keeps
+        the rule that an intent is durable before its effect. A crash before
+        that append loses only the result, exactly like a crash at the
+        ``<step>.done`` failpoint, which reconcile already handles.
+        """
+        new = event.to_new()
+        self._deferred.append(new)
+        self._apply([new], 0)
+
+    def _apply(self, new: list[NewEvent], first_position: int) -> None:
         now = datetime.now(UTC)
         for offset, item in enumerate(new):
             evolve(
                 self.sandbox,
                 RecordedEvent(
-                    position=result.first_position + offset,
+                    position=first_position + offset if first_position else 0,
                     stream_id=self.sandbox.id,
                     version=self.sandbox.version + 1,
                     type=item.type,
@@ -136,7 +160,6 @@ class CommandRun:
                     recorded_at=now,
                 ),
             )
-        self.on_append(self.sandbox)
 
     # --- machine hooks ----------------------------------------------------------------
 
@@ -227,7 +250,7 @@ class CommandRun:
         result = step.run(self.ctx, intent) or {}
         self.failpoints.hit(f"{step.name}.done", sandbox_id)
 
-        self.append(ev.StepCompleted(self.spec.name, step.name, result))
+        self.defer(ev.StepCompleted(self.spec.name, step.name, result))
         self.done[-1].result = result
         log.info(
             "sandbox %s: %s: %s done%s",
