@@ -393,8 +393,12 @@ def render_cli() -> str:
         "printed are UTC.",
         "- Commands that only read (`ls`, `show`, `events`, `replay`, `export`, "
         "`diff`, `verify`, `db current`) open the database alone and never "
-        "touch the host. `replay --file`, `diff --file` and `debug failpoints` "
-        "open no database at all.",
+        "touch the host; a SQLite file that does not exist is an error, not a "
+        "new empty database. `replay --file`, `diff --file` and `debug "
+        "failpoints` open no database at all.",
+        "- `WRENN_ENGINE_HOST_NETNS=<namespace>` and `WRENN_ENGINE_NET_PREFIX` "
+        "fence the acting commands' network work into a namespace you made "
+        "(see operations.md, Keeping the network fenced off).",
         "- Commands that act (`create`, `start`, `pause`, `resume`, `stop`, "
         "`destroy`, `reconcile`) use the real host drivers and need root. They "
         "run no background workers and do not reconcile when they open: run "

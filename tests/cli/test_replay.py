@@ -199,6 +199,7 @@ def test_diff_shows_what_changed_between_versions(
         "--db", db, "diff", lived, "--from", "0", "--to", "1", "--json"
     ).json()
     assert {c["path"]: c["new"] for c in from_nothing}["id"] == lived
+    assert all(c["path"] for c in from_nothing)  # no line for the whole state
 
     same = cli("--db", db, "diff", lived, "--from", "4", "--to", "4")
     assert same.code == 0 and same.out == ""

@@ -459,3 +459,36 @@ def test_close_lets_running_commands_finish_and_refuses_new_ones(
     assert not closer.is_alive()
     reopened = make_engine()
     assert reopened.get(sid).state == "paused"
+
+
+def test_a_retried_create_without_an_id_returns_the_first_sandbox(
+    engine: Engine, files
+):
+    first = create(engine, files, command_id="req-42")
+    again = create(engine, files, command_id="req-42")
+
+    assert again.id == first.id
+    assert len(engine.list()) == 1
+
+
+def test_a_host_stream_is_not_a_sandbox(engine: Engine, files):
+    sid = create(engine, files).id
+    engine.fake_host.add("netns", "wrenn-orphan")  # type: ignore[attr-defined]
+    engine.reconcile()
+
+    with pytest.raises(SandboxNotFound):
+        engine.replay("host.host-a")
+    assert [s.id for s in engine.list()] == [sid]
+
+
+def test_a_missing_run_directory_is_refused_before_anything_is_written(
+    make_engine: EngineFactory, files, tmp_path
+):
+    engine = make_engine(run_dir=str(tmp_path / "no" / "such" / "dir"))
+
+    with pytest.raises(ConfigError) as raised:
+        create(engine, files)
+
+    assert raised.value.field == "sandbox_dir"
+    assert engine.list() == []
+    assert engine.store.stats().events == 0

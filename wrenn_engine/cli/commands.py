@@ -48,7 +48,16 @@ PAGE = 1000
 def opened_store(args: argparse.Namespace) -> Iterator[EventStore]:
     from wrenn_engine.store import open_store
 
-    store = open_store(db_url(args))
+    url = db_url(args)
+    # Reading never creates a database: a SQLite file that is not there is
+    # a mistyped path, not an empty log.
+    path = sqlite_file(url) if url else None
+    if path is not None and not path.exists():
+        raise CliError(
+            f"no database at {path}; check --db, or create one with "
+            f"`wrenn-engine --db {url} db upgrade`"
+        )
+    store = open_store(url)
     try:
         yield store
     finally:
@@ -86,6 +95,11 @@ def db_downgrade(args: argparse.Namespace) -> int:
     from wrenn_engine.store.sql import safe_url
 
     url = resolved_db_url(args)
+    if args.revision == "base" and not args.yes:
+        raise CliError(
+            "`db downgrade base` drops every table and the whole event log with "
+            "them; back it up first (docs/operations.md), then add --yes"
+        )
     before = current_revision(url)
     downgrade(url, args.revision)
     note(

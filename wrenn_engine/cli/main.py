@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument(
         "revision", metavar="REVISION", help="the revision to go down to, or base"
     )
+    down.add_argument(
+        "--yes", action="store_true", help="confirm that `base` drops the whole log"
+    )
     down.set_defaults(handler=commands.db_downgrade)
     cur = db_sub.add_parser(
         "current",
@@ -529,6 +532,14 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error("events --follow streams: use --jsonl, not --json")
         if args.follow_timeout is not None and not args.follow:
             parser.error("--follow-timeout needs --follow")
+        from wrenn_engine.domain.events import EVENT_TYPES
+
+        unknown = sorted(set(args.type or ()) - set(EVENT_TYPES))
+        if unknown:
+            parser.error(
+                f"--type {unknown[0]!r} is not an event type; the types are listed "
+                "in docs/events.md (e.g. step.failed, transition.completed)"
+            )
     if command == "replay":
         if args.jsonl and not args.explain:
             parser.error("replay --jsonl needs --explain (one line per event)")
@@ -558,6 +569,14 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _with_db(message: str, args: argparse.Namespace) -> str:
+    """Make the commands an error suggests name the database the user gave."""
+    url = getattr(args, "db", None)
+    if not url or "--db" in message:
+        return message
+    return message.replace("`wrenn-engine ", f"`wrenn-engine --db {url} ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return the exit status."""
     parser = build_parser()
@@ -577,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WrennError as exc:
         if debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: {_with_db(one_line(str(exc)), args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.command == "events" and args.follow:

@@ -282,6 +282,8 @@ def diff_states(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
 def _emptied_container(path: str, side: dict[str, Any], paths: set[str]) -> bool:
     if side[path] not in ({}, [], None):
         return False
+    if path == "":  # the whole state: its fields speak for it
+        return any(p != "" for p in paths)
     return any(p.startswith((f"{path}.", f"{path}[")) for p in paths)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from wrenn_engine.domain import events as ev
 from wrenn_engine.domain.config import VMConfig, validate_sandbox_id
-from wrenn_engine.domain.events import Metadata, RecordedEvent
+from wrenn_engine.domain.events import Metadata, RecordedEvent, is_sandbox_stream
 from wrenn_engine.domain.state import SandboxState, State, state_at
 from wrenn_engine.engine.settings import EngineSettings
 from wrenn_engine.engine.workers import MonitorLog
@@ -152,7 +152,8 @@ class Engine:
             if self._active:
                 log.warning(
                     "closing with %d command(s) still running: %s",
-                    self._active, ", ".join(sorted(self._holders)),
+                    self._active,
+                    ", ".join(sorted(self._holders)),
                 )
         for worker in self._workers:
             worker.stop()
@@ -189,9 +190,14 @@ class Engine:
         ``config`` to set any VMConfig field by hand; the keyword arguments
         fill the fields it leaves empty.
         """
-        sandbox_id = (
-            sandbox_id or (config.sandbox_id if config else "") or new_sandbox_id()
-        )
+        given = sandbox_id or (config.sandbox_id if config else "")
+        if command_id:
+            # A retried create names the same command id, perhaps without an
+            # id: the sandbox it made the first time is the answer.
+            record = self.store.command(command_id)
+            if record is not None and record.command == "create" and not given:
+                given = record.stream_id
+        sandbox_id = given or new_sandbox_id()
         validate_sandbox_id(sandbox_id)
         if command_id:
             replayed = self._replayed(command_id, sandbox_id, "create")
@@ -341,6 +347,7 @@ class Engine:
     # --- queries ----------------------------------------------------------------------
 
     def get(self, sandbox_id: str) -> SandboxState:
+        self._check_sandbox_stream(sandbox_id)
         sandbox = self.store.get_sandbox(sandbox_id)
         if sandbox is None:
             raise SandboxNotFound(sandbox_id)
@@ -352,6 +359,7 @@ class Engine:
         return self.store.list_sandboxes(states=states, host_id=host_id)
 
     def history(self, sandbox_id: str) -> builtins.list[RecordedEvent]:
+        self._check_sandbox_stream(sandbox_id)
         events = self.store.read_stream(sandbox_id)
         if not events:
             raise SandboxNotFound(sandbox_id)
@@ -364,11 +372,18 @@ class Engine:
         self, sandbox_id: str, to_version: int | None = None, at: datetime | None = None
     ) -> SandboxState:
         """The state after the chosen event, folded from the log alone."""
+        self._check_sandbox_stream(sandbox_id)
         events = self.store.read_stream(sandbox_id, to_version=to_version, at=at)
         state = state_at(events)
         if state is None:
             raise SandboxNotFound(sandbox_id)
         return state
+
+    @staticmethod
+    def _check_sandbox_stream(sandbox_id: str) -> None:
+        """A host's own stream (reconcile's record) is not a sandbox."""
+        if not is_sandbox_stream(sandbox_id):
+            raise SandboxNotFound(sandbox_id)
 
     def wait(
         self, sandbox_id: str, state: str | Sequence[str], timeout: float = 30.0
@@ -673,6 +688,13 @@ class Engine:
                 raise ConfigError(
                     field_name, f"{path} is not readable", hint="fix its permissions"
                 )
+        parent = os.path.dirname(config.sandbox_dir)
+        if not os.path.isdir(parent):
+            raise ConfigError(
+                "sandbox_dir",
+                f"its parent directory {parent} does not exist",
+                hint="create it (mode 0700 is best) or choose another run directory",
+            )
         vmm = config.vmm_bin
         if not (os.path.isfile(vmm) and os.access(vmm, os.X_OK)):
             found = shutil.which("cloud-hypervisor")
