@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tests.conftest import require_root, require_tool, unique
+from tests.conftest import require_root, require_tool, skip_or_fail, unique
 from wrenn_engine.errors import ConfigError, HostCommandError, HostError, ResourceBusy
 from wrenn_engine.host import netns, nft
 from wrenn_engine.host.base import NetworkDriver, NetworkPlan
@@ -138,6 +138,21 @@ def net_driver(net_host: str) -> Iterator[LinuxNetworkDriver]:
                 subprocess.run(
                     ["ip", "netns", "del", name], check=False, timeout=TIMEOUT
                 )
+
+
+@pytest.fixture(params=["library", "command"])
+def nft_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test once with rulesets loaded through libnftables in-process
+    and once through the ``nft`` command."""
+    wanted = request.param == "library"
+    nft.use_library(wanted)
+    try:
+        if wanted and not nft.library_loaded():
+            skip_or_fail(f"needs {nft.LIBRARY} (make system-deps installs it)")
+        assert nft.library_loaded() is wanted
+        yield str(request.param)
+    finally:
+        nft.use_library(True)
 
 
 @pytest.fixture
@@ -270,7 +285,10 @@ def test_driver_satisfies_the_protocol() -> None:
 
 @pytest.mark.host
 def test_prepare_builds_what_the_kernel_reports(
-    net_driver: LinuxNetworkDriver, net_host: str, net_root_snapshot: None
+    net_driver: LinuxNetworkDriver,
+    net_host: str,
+    net_root_snapshot: None,
+    nft_mode: str,
 ) -> None:
     plan = net_driver.plan(unique("sbx"), 7)
     net_driver.prepare(plan)
@@ -442,7 +460,7 @@ def test_prepare_twice_is_busy_and_keeps_the_first(
 
 @pytest.mark.host
 def test_existing_table_is_busy_and_only_what_prepare_made_is_removed(
-    net_driver: LinuxNetworkDriver, net_host: str
+    net_driver: LinuxNetworkDriver, net_host: str, nft_mode: str
 ) -> None:
     plan = net_driver.plan(unique("sbx"), 4)
     _run("ip", "netns", "exec", net_host, "nft", "add", "table", "inet", plan.nft_table)
@@ -452,6 +470,7 @@ def test_existing_table_is_busy_and_only_what_prepare_made_is_removed(
 
     assert (caught.value.kind, caught.value.name) == ("nft_table", plan.nft_table)
     assert isinstance(caught.value.__cause__, HostCommandError)
+    assert "File exists" in caught.value.__cause__.stderr
     assert plan.netns not in named_namespaces()
     assert plan.host_veth not in link_names(net_host)
     assert ("inet", plan.nft_table) in nft_tables(net_host)
@@ -460,7 +479,10 @@ def test_existing_table_is_busy_and_only_what_prepare_made_is_removed(
 
 @pytest.mark.host
 def test_failing_nft_midway_leaves_nothing(
-    net_driver: LinuxNetworkDriver, net_host: str, monkeypatch: pytest.MonkeyPatch
+    net_driver: LinuxNetworkDriver,
+    net_host: str,
+    monkeypatch: pytest.MonkeyPatch,
+    nft_mode: str,
 ) -> None:
     plan = net_driver.plan(unique("sbx"), 5)
     real_start = nft.start_apply
@@ -476,8 +498,10 @@ def test_failing_nft_midway_leaves_nothing(
         net_driver.prepare(plan)
 
     assert "syntax error" in caught.value.stderr
-    assert caught.value.argv[0] == f"[netns {plan.netns}]"
-    assert isinstance(caught.value.__cause__, subprocess.CalledProcessError)
+    assert caught.value.argv == (f"[netns {plan.netns}]", "nft", "-f", "-")
+    assert caught.value.returncode == 1
+    if nft_mode == "command":
+        assert isinstance(caught.value.__cause__, subprocess.CalledProcessError)
     assert_all_gone(plan, net_host)
 
 
@@ -563,6 +587,87 @@ def test_teardown_tries_every_deletion_and_reports_the_first_failure(
     monkeypatch.undo()
     net_driver.teardown(plan)
     assert_all_gone(plan, net_host)
+
+
+@pytest.mark.host
+def test_teardown_keeps_an_inhabited_namespace_and_says_who_is_inside(
+    net_driver: LinuxNetworkDriver, net_host: str
+) -> None:
+    plan = net_driver.plan(unique("sbx"), 15)
+    net_driver.prepare(plan)
+    inside = netns.run_in(
+        plan.netns, lambda: subprocess.Popen(["sleep", "60"], start_new_session=True)
+    )
+    try:
+        with pytest.raises(HostError) as caught:
+            net_driver.teardown(plan)
+
+        assert f"netns:{plan.netns} (pids {inside.pid} still in it)" in str(
+            caught.value
+        )
+        assert _run("ip", "netns", "pids", plan.netns).stdout.split() == [
+            str(inside.pid)
+        ]
+        assert plan.host_veth not in link_names(net_host)
+        assert ("inet", plan.nft_table) not in nft_tables(net_host)
+        with pytest.raises(HostError):
+            net_driver.teardown(plan)
+    finally:
+        inside.kill()
+        inside.wait()
+
+    net_driver.teardown(plan)
+    assert_all_gone(plan, net_host)
+
+
+@pytest.mark.host
+def test_pids_in_finds_what_ip_netns_pids_finds(net_host: str) -> None:
+    namespace = netns.identity(net_host)
+    assert netns.pids_in(namespace) == []
+    assert netns.identity(net_host) == namespace
+
+    inside = netns.run_in(
+        net_host, lambda: subprocess.Popen(["sleep", "60"], start_new_session=True)
+    )
+    try:
+        assert netns.pids_in(namespace) == [inside.pid]
+        assert _run("ip", "netns", "pids", net_host).stdout.split() == [str(inside.pid)]
+        assert os.getpid() not in netns.pids_in(namespace)
+    finally:
+        inside.kill()
+        inside.wait()
+    assert netns.pids_in(namespace) == []
+    with pytest.raises(FileNotFoundError):
+        netns.identity(unique("nonexistent"))
+
+
+def test_a_detached_task_reports_a_late_or_early_failure() -> None:
+    release = threading.Event()
+    seen: list[BaseException] = []
+
+    def fail_later() -> None:
+        release.wait(5)
+        raise OSError(errno.EIO, "late")
+
+    late = netns.start_in(None, fail_later)
+    late.detach(seen.append)
+    assert seen == []
+    release.set()
+    assert isinstance(late.wait(), OSError)
+    assert [str(exc) for exc in seen] == ["[Errno 5] late"]
+
+    def fail_now() -> None:
+        raise OSError(errno.EIO, "early")
+
+    early = netns.start_in(None, fail_now)
+    early.wait()
+    early.detach(seen.append)
+    assert [str(exc) for exc in seen] == ["[Errno 5] late", "[Errno 5] early"]
+
+    fine = netns.start_in(None, lambda: None)
+    fine.detach(seen.append)
+    fine.wait()
+    assert len(seen) == 2
 
 
 # --- slots and reconcile ------------------------------------------------------
@@ -672,7 +777,7 @@ def test_two_slots_in_parallel(net_driver: LinuxNetworkDriver, net_host: str) ->
 
 
 @pytest.mark.host
-def test_nft_wrapper_in_a_namespace(net_host: str) -> None:
+def test_nft_wrapper_in_a_namespace(net_host: str, nft_mode: str) -> None:
     table = unique("t")
     nft.apply(f"table inet {table} {{\n}}\n", net_host)
     assert ("inet", table) in nft.list_tables(net_host)
@@ -694,3 +799,26 @@ def test_nft_wrapper_in_a_namespace(net_host: str) -> None:
 
     with pytest.raises(ConfigError):
         nft.delete_table("inet", "x; flush ruleset", net_host)
+    with pytest.raises(HostError) as missing:
+        nft.delete_table("inet", table, unique("nonexistent"))
+    assert isinstance(missing.value.__cause__, FileNotFoundError)
+
+
+@pytest.mark.host
+def test_nft_lists_every_family_as_nft_does(net_host: str) -> None:
+    tables = {
+        ("inet", unique("t")),
+        ("ip", unique("t")),
+        ("ip6", unique("t")),
+        ("arp", unique("t")),
+        ("bridge", unique("t")),
+        ("netdev", unique("t")),
+    }
+    nft.apply("".join(f"table {f} {n} {{\n}}\n" for f, n in sorted(tables)), net_host)
+
+    assert set(nft.list_tables(net_host)) == tables == nft_tables(net_host)
+
+    for family, name in tables:
+        nft.delete_table(family, name, net_host)
+    assert nft.list_tables(net_host) == []
+    assert nft_tables(net_host) == set()

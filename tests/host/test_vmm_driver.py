@@ -85,8 +85,12 @@ def test_launch_runs_the_vmm_inside_the_namespace(
     namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
     assert namespace == os.stat(f"/run/netns/{netns}").st_ino
     assert namespace != os.stat("/proc/self/ns/net").st_ino
+    # Born there (no trampoline), and no thread of the engine stayed there.
+    assert os.stat(f"/proc/{pid}/task/{pid}/ns/net").st_ino == namespace
+    assert wait_for(lambda: namespace not in _thread_namespaces().values(), 5)
     assert launcher.read_cmdline(pid) == process.argv
-    assert process.argv[:4] == (sys.executable, "-I", "-S", launcher.SIMULATOR_PATH)
+    assert process.argv[:6] == tuple(launcher.simulator_program())
+    assert process.argv[6:8] == ("--api-socket", f"path={box.socket}")
     assert (launcher.read_stat(pid) or ("", 0))[1] == process.start_time
     env = launcher.read_environ(pid) or {}
     assert env[launcher.OWNER_ENV] == owner
@@ -105,6 +109,55 @@ def test_launch_runs_the_vmm_inside_the_namespace(
     driver.shutdown(process, box.socket, 5)
 
 
+def _thread_namespaces() -> dict[int, int]:
+    """Network namespace (inode) of each thread of this process. A thread
+    that has been joined may still be listed for a moment while it exits."""
+    found: dict[int, int] = {}
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError):
+            found[int(tid)] = os.stat(f"/proc/self/task/{tid}/ns/net").st_ino
+    return found
+
+
+@pytest.mark.host
+def test_a_vmm_started_in_a_namespace_is_reaped_by_the_engine(
+    netns: str, tmp_path: Path, driver: CloudHypervisorDriver
+) -> None:
+    """The thread that forked the VMM has ended; the engine still is its
+    parent, reaps it and knows how it ended."""
+    box = make_sandbox(tmp_path, netns)
+    process = driver.launch(box.spec(), 10)
+
+    assert launcher.read_stat(process.pid) is not None
+    with open(f"/proc/{process.pid}/status") as handle:
+        parent = [line for line in handle if line.startswith("PPid:")]
+    assert parent == [f"PPid:\t{os.getpid()}\n"]
+    os.kill(process.pid, signal.SIGKILL)
+    assert driver.wait_exit(process, 5) == -signal.SIGKILL
+    assert launcher.read_stat(process.pid) is None
+    driver.shutdown(process, box.socket, 5)
+    assert files_left(box) == []
+
+
+@pytest.mark.host
+def test_a_vmm_that_cannot_start_in_a_namespace_leaves_nothing(
+    netns: str, tmp_path: Path, driver: CloudHypervisorDriver, owner: str
+) -> None:
+    box = make_sandbox(tmp_path, netns)
+    box.binary = str(tmp_path / "broken-cloud-hypervisor")
+    Path(box.binary).write_text("#!/no/such/interpreter\n")
+    Path(box.binary).chmod(0o755)
+
+    with pytest.raises(VmmError) as failure:
+        driver.launch(box.spec(), 10)
+
+    assert f"cannot start {box.binary}" in failure.value.detail
+    assert launcher.find_marked(owner) == []
+    assert files_left(box) == []
+    namespace = os.stat(f"/run/netns/{netns}").st_ino
+    assert wait_for(lambda: namespace not in _thread_namespaces().values(), 5)
+
+
 def test_launch_into_a_missing_namespace_fails_cleanly(
     sandbox: Sandbox,
     driver: CloudHypervisorDriver,
@@ -113,8 +166,8 @@ def test_launch_into_a_missing_namespace_fails_cleanly(
     sandbox.netns = unique("wnons")
     with pytest.raises(VmmError) as failure:
         driver.launch(sandbox.spec(), 10)
-    assert "cannot enter network namespace" in failure.value.detail
-    assert "status 125" in failure.value.detail
+    assert f"cannot enter network namespace {sandbox.netns!r}" in (failure.value.detail)
+    assert isinstance(failure.value.__cause__, FileNotFoundError)
     assert launcher.find_marked(owner) == []
     assert files_left(sandbox) == []
 
@@ -247,10 +300,12 @@ def test_the_console_script_runs_the_simulator_directly(
     driver: CloudHypervisorDriver,
 ) -> None:
     sandbox.binary = os.path.join(os.path.dirname(sys.executable), "wrenn-ch-simulator")
-    assert driver.command(sandbox.spec())[:4] == [
+    assert driver.command(sandbox.spec())[:6] == [
         sys.executable,
         "-I",
         "-S",
+        "-c",
+        launcher.SIMULATOR_BOOT,
         launcher.SIMULATOR_PATH,
     ]
     process = driver.launch(sandbox.spec(), 10)

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -258,9 +257,7 @@ def start_simulator() -> Iterator[Callable[..., SimulatorRun]]:
 
     def start(sandbox: Sandbox, *extra: str, wait: bool = True) -> SimulatorRun:
         argv = launcher.vmm_argv(
-            sandbox.spec(),
-            [sys.executable, "-I", "-S", launcher.SIMULATOR_PATH],
-            extra=extra,
+            sandbox.spec(), launcher.simulator_program(), extra=extra
         )
         proc = subprocess.Popen(
             argv,

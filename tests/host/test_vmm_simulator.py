@@ -533,13 +533,19 @@ def test_socket_and_files_are_private(sandbox: Sandbox, start_simulator: Start) 
         assert os.stat(path).st_mode & 0o077 == 0, path
 
 
-def test_unknown_options_are_refused(sandbox: Sandbox) -> None:
+@pytest.mark.parametrize(
+    "program",
+    [
+        pytest.param(launcher.simulator_program(), id="as-the-engine-runs-it"),
+        pytest.param(
+            [sys.executable, "-I", "-S", launcher.SIMULATOR_PATH], id="script"
+        ),
+    ],
+)
+def test_unknown_options_are_refused(sandbox: Sandbox, program: list[str]) -> None:
     result = subprocess.run(
         [
-            sys.executable,
-            "-I",
-            "-S",
-            launcher.SIMULATOR_PATH,
+            *program,
             "--api-socket",
             f"path={sandbox.socket}",
             "--kernel",

@@ -11,14 +11,20 @@ network namespace belongs to a thread, not to the whole process:
 - ``run_in`` starts a thread that calls ``setns`` into a named namespace and
   runs a function there. Netlink sockets the function opens, devices it opens
   (``/dev/net/tun``), ``/proc/sys/net`` files it writes and child processes
-  it starts all belong to that namespace. This is the trampoline the ``nft``
-  wrapper uses: a process started from such a thread is born inside the
-  namespace, so no ``ip netns exec`` or ``nsenter`` is spawned.
+  it starts all belong to that namespace. The ``nft`` wrapper (libnftables'
+  socket) and the VMM launcher (the VMM process) rely on it: a process
+  started from such a thread is born inside the namespace, so no ``ip netns
+  exec``, ``nsenter`` or other trampoline is spawned.
 - ``start_in`` does the same without waiting; the returned ``Task`` is joined
   later, which lets the driver overlap work in two namespaces.
 
 The calling thread never changes namespace, so a failure can never leave one
-of the engine's own threads in the wrong namespace.
+of the engine's own threads in the wrong namespace. A thread started from
+inside a namespace starts there too and keeps the namespace alive while it
+runs, so only short-lived work is started from such threads.
+
+``identity`` and ``pids_in`` tell which processes live in a namespace (what
+``ip netns pids`` shows), so that its name is not removed from under them.
 
 ``/run/netns`` is made a shared mount the first time, as iproute2 does, so
 that removing a name also unmounts it in mount namespaces copied from this
@@ -150,8 +156,8 @@ def start_in(name: str | None, func: Callable[[], T]) -> Task[T]:
 
     ``None`` keeps the calling thread's namespace (a new thread starts in
     the namespace of the thread that creates it). The caller must ``join``
-    the task on every path. Raises ``FileNotFoundError`` if the namespace
-    does not exist.
+    or ``detach`` the task on every path. Raises ``FileNotFoundError`` if the
+    namespace does not exist.
     """
     if name is None:
         return Task(f"netns-task-{threading.get_ident()}", func)
@@ -173,12 +179,15 @@ def start_in(name: str | None, func: Callable[[], T]) -> Task[T]:
 
 class Task(Generic[T]):
     """A function running in its own thread; ``join`` hands back its result
-    or raises its exception."""
+    or raises its exception, ``detach`` leaves it to finish alone."""
 
     def __init__(self, thread_name: str, func: Callable[[], T]) -> None:
         self._func = func
         self._result: list[T] = []
         self._failure: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._done = False
+        self._on_failure: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(
             target=self._body, name=thread_name, daemon=True
         )
@@ -196,11 +205,53 @@ class Task(Generic[T]):
         self._thread.join()
         return self._failure[0] if self._failure else None
 
+    def detach(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Let the function finish on its own instead of joining it; if it
+        fails, ``on_failure`` gets the exception (in the task's thread, or
+        here if it has already failed)."""
+        with self._lock:
+            if not self._done:
+                self._on_failure = on_failure
+                return
+        if self._failure:
+            on_failure(self._failure[0])
+
     def _body(self) -> None:
         try:
             self._result.append(self._func())
         except BaseException as exc:
             self._failure.append(exc)
+        with self._lock:
+            self._done = True
+            report = self._on_failure
+        if report is not None and self._failure:
+            report(self._failure[0])
+
+
+def identity(name: str) -> tuple[int, int]:
+    """(device, inode) of the namespace bound at ``name``: equal for every
+    handle on the same namespace, different for any other. Raises
+    ``FileNotFoundError`` if the name does not exist."""
+    info = os.stat(path(name))
+    return info.st_dev, info.st_ino
+
+
+def pids_in(namespace: tuple[int, int]) -> list[int]:
+    """Pids of the processes whose network namespace is ``namespace`` (an
+    ``identity``), as ``ip netns pids`` finds them: by each process's main
+    thread. Reads ``/proc/<pid>/ns/net`` of every process, so its cost grows
+    with the number of processes on the host."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            info = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if (info.st_dev, info.st_ino) == namespace:
+            found.append(int(entry))
+    return sorted(found)
 
 
 def open_fd(name: str) -> int:

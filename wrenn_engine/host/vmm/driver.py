@@ -4,11 +4,11 @@
 ``"simulator"`` (or a path to the ``wrenn-ch-simulator`` console script) for
 the simulator shipped in this package, which takes the same command line and
 speaks the same API (see ``simulator``). The simulator is run from its file
-with this interpreter (``python -I -S``): that skips ``site`` and the package
-import and starts in about half the time of the console script. Each API call
-opens a fresh connection to the sandbox's socket; the driver keeps no state
-a restart would lose beyond the table of children it must reap, so it is
-safe to share between threads.
+with this interpreter (``python -I -S``, see ``launcher.simulator_program``):
+that skips ``site`` and the package import and starts in about half the time
+of the console script. Each API call opens a fresh connection to the
+sandbox's socket; the driver keeps no state a restart would lose beyond the
+table of children it must reap, so it is safe to share between threads.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -95,7 +94,7 @@ class CloudHypervisorDriver:
         if spec.binary in (SIMULATOR, SIMULATOR_SCRIPT) or spec.binary.endswith(
             "/" + SIMULATOR_SCRIPT
         ):
-            program = [sys.executable, "-I", "-S", launcher.SIMULATOR_PATH]
+            program = launcher.simulator_program()
             extra = self.settings.simulator_args
         else:
             program = [self._binary(spec.binary)]
