@@ -822,3 +822,9 @@ def test_nft_lists_every_family_as_nft_does(net_host: str) -> None:
         nft.delete_table(family, name, net_host)
     assert nft.list_tables(net_host) == []
     assert nft_tables(net_host) == set()
+
+
+def test_a_host_namespace_named_like_a_sandbox_is_refused() -> None:
+    with pytest.raises(ConfigError) as raised:
+        NetworkSettings(prefix="wrenn", host_netns="wrenn-host").validate()
+    assert raised.value.field == "host_netns"

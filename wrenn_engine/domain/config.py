@@ -208,7 +208,7 @@ def _check_sandbox_id(value: str) -> None:
         f"1 to {SANDBOX_ID_MAX} characters of a-z, 0-9, '-' and '_', starting "
         "with a letter or digit"
     )
-    if len(value) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.match(value):
+    if len(value) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.fullmatch(value):
         raise ConfigError(
             "sandbox_id",
             f"{value!r} is not a valid sandbox id",
@@ -234,7 +234,7 @@ def _check_name(field: str, value: str, pattern: re.Pattern[str], maximum: int) 
             limit=f"at most {maximum} bytes",
             hint="use a shorter name",
         )
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise ConfigError(
             field,
             f"{value!r} has characters that are not allowed",
@@ -258,7 +258,7 @@ def _check_range(field: str, value: int, low: int, high: int, unit: str) -> None
 
 
 def _check_mac(value: str) -> None:
-    if not MAC_RE.match(value):
+    if not MAC_RE.fullmatch(value):
         raise ConfigError(
             "tap_mac",
             f"{value!r} is not a MAC address",
@@ -313,7 +313,45 @@ def _check_network(guest_ip: str, gateway_ip: str, netmask: str) -> None:
         )
 
 
+def check_text(
+    field: str, value: object, maximum: int = 200, empty: bool = False
+) -> None:
+    """Refuse text that would corrupt a log line, a database row or a command
+    line: not a string, empty (unless allowed), too long, a control
+    character, or not encodable as UTF-8."""
+    if not isinstance(value, str):
+        raise ConfigError(field, f"{value!r} is not text", limit="a string")
+    if not value and not empty:
+        raise ConfigError(field, "is empty", hint="give a non-empty value")
+    if len(value) > maximum:
+        raise ConfigError(
+            field, f"is {len(value)} characters long", limit=f"at most {maximum}"
+        )
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ConfigError(
+            field,
+            f"{value!r} contains a control character",
+            limit="printable characters only",
+        )
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            field,
+            f"{value!r} is not valid Unicode text",
+            hint="check the encoding of the input",
+        ) from exc
+
+
 def _check_path(field: str, value: str) -> None:
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ConfigError(
+            field,
+            f"{value!r} contains white space or a control character",
+            limit="no spaces, tabs, newlines or control characters (the path "
+            "goes on the VMM's and the kernel's command lines)",
+            hint="rename or move the file",
+        )
     if not value.startswith("/"):
         raise ConfigError(
             field,

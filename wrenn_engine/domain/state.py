@@ -320,7 +320,8 @@ def _t_completed(s: SandboxState, e: RecordedEvent) -> None:
 @_on("transition.failed")
 def _t_ended_badly(s: SandboxState, e: RecordedEvent) -> None:
     s.state = e.data["to_state"]
-    s.last_error = f"{e.data['step']}: {e.data['error']}"
+    step, error = e.data["step"], e.data["error"]
+    s.last_error = f"{step}: {error}" if step else error
     s.transition = None
 
 

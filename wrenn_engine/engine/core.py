@@ -12,7 +12,10 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import hashlib
+import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -23,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from wrenn_engine.domain import events as ev
-from wrenn_engine.domain.config import VMConfig, validate_sandbox_id
+from wrenn_engine.domain.config import VMConfig, check_text, validate_sandbox_id
 from wrenn_engine.domain.events import Metadata, RecordedEvent, is_sandbox_stream
 from wrenn_engine.domain.state import SandboxState, State, state_at
 from wrenn_engine.engine.settings import EngineSettings
@@ -190,17 +193,33 @@ class Engine:
         ``config`` to set any VMConfig field by hand; the keyword arguments
         fill the fields it leaves empty.
         """
+        _check_actor(actor, command_id)
+        _check_labels(labels)
         given = sandbox_id or (config.sandbox_id if config else "")
+        request = _fingerprint(
+            config,
+            kernel_path,
+            rootfs_path,
+            vcpus,
+            memory_mb,
+            template_id,
+            inactivity_timeout_s,
+            labels,
+        )
         if command_id:
             # A retried create names the same command id, perhaps without an
             # id: the sandbox it made the first time is the answer.
             record = self.store.command(command_id)
-            if record is not None and record.command == "create" and not given:
+            if (
+                record is not None
+                and record.command.startswith("create")
+                and (not given)
+            ):
                 given = record.stream_id
         sandbox_id = given or new_sandbox_id()
         validate_sandbox_id(sandbox_id)
         if command_id:
-            replayed = self._replayed(command_id, sandbox_id, "create")
+            replayed = self._replayed(command_id, sandbox_id, request)
             if replayed is not None:
                 return replayed
         draft = self._draft_config(
@@ -236,7 +255,7 @@ class Engine:
                 expected_version=0,
                 metadata=metadata,
                 command_id=command_id,
-                command="create",
+                command=request,
             )
         except ConcurrencyError as exc:
             raise ConfigError(
@@ -432,12 +451,17 @@ class Engine:
     ) -> SandboxState:
         if self._closed:
             raise WrennError("the engine is closed; open a new one with Engine.open()")
+        _check_actor(actor, command_id)
         if command_id:
             replayed = self._replayed(command_id, sandbox_id, command)
             if replayed is not None:
                 return replayed
 
         with self.hold(sandbox_id, command, wait):
+            if command_id:  # the first call may have finished while we waited
+                replayed = self._replayed(command_id, sandbox_id, command, held=True)
+                if replayed is not None:
+                    return replayed
             sandbox = self.get(sandbox_id)
             if command == "destroy" and sandbox.state == State.DESTROYED:
                 return sandbox
@@ -455,6 +479,14 @@ class Engine:
                     raise SandboxBusy(
                         sandbox_id, command, "a command of another engine"
                     ) from exc
+                self._recover_after_failure(sandbox_id, command)
+                raise
+            except Exception:
+                # Not a step failure (those are handled in the run): the store
+                # or the machine itself failed half-way. Finish or undo now,
+                # as reconcile would after a crash, so the sandbox does not
+                # stay in a transient state that nothing will ever end.
+                self._recover_after_failure(sandbox_id, command)
                 raise
             finally:
                 self._after_run(run.sandbox)
@@ -502,6 +534,23 @@ class Engine:
             command_id=command_id,
             on_append=lambda s: self._notify(),
         )
+
+    def _recover_after_failure(self, sandbox_id: str, command: str) -> None:
+        """With the sandbox held: end a transition this engine left half-way."""
+        from wrenn_engine.engine.reconcile import Reconciler
+
+        try:
+            sandbox = self.get(sandbox_id)
+            if sandbox.is_transient:
+                Reconciler(self).interrupted(sandbox)
+        except Exception as exc:  # reconcile at the next open will try again
+            log.warning(
+                "sandbox %s: %s failed half-way and could not be ended now (%s); "
+                "`wrenn-engine reconcile` ends it",
+                sandbox_id,
+                command,
+                describe(exc),
+            )
 
     def _check_allowed(self, sandbox: SandboxState, command: str) -> None:
         if sandbox.host_id != self.host_id:
@@ -557,7 +606,7 @@ class Engine:
         return self.hold(sandbox_id, what, wait=False)
 
     def _replayed(
-        self, command_id: str, sandbox_id: str, command: str
+        self, command_id: str, sandbox_id: str, command: str, held: bool = False
     ) -> SandboxState | None:
         record = self.store.command(command_id)
         if record is None:
@@ -565,15 +614,20 @@ class Engine:
         if record.stream_id != sandbox_id or record.command != command:
             raise IdempotencyError(
                 command_id,
-                f"{record.command} {record.stream_id}",
-                f"{command} {sandbox_id}",
+                f"{_readable(record.command)} on sandbox {record.stream_id}",
+                f"{_readable(command)} on sandbox {sandbox_id}",
             )
         log.info(
             "sandbox %s: command id %s was applied already; not acting twice",
             sandbox_id,
             command_id,
         )
-        return self.get(sandbox_id)
+        if held:
+            return self.get(sandbox_id)
+        # The first call may still be running in this process: answer with
+        # where it ends, not with a transient state.
+        with self.hold(sandbox_id, "a repeated command", wait=True):
+            return self.get(sandbox_id)
 
     def _metadata(
         self, actor: str, command_id: str | None, causation_id: str | None = None
@@ -621,8 +675,8 @@ class Engine:
         elif kind == "vmm":
             self.drivers.vmm.remove_leftover(kind, name)
         elif kind == "socket":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
+            # The driver removes it only when nothing answers on it.
+            self.drivers.vmm.remove_leftover(kind, name)
         elif kind == "snapshot":
             shutil.rmtree(name, ignore_errors=True)
         elif kind == "dir":
@@ -743,9 +797,40 @@ def real_drivers(settings: EngineSettings) -> HostDrivers:
 def _check_timeout(value: float | None) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(
             "inactivity_timeout_s",
             f"{value!r} is not a positive number of seconds",
-            limit="> 0, or None for no timeout",
+            limit="a finite number > 0, or None for no timeout",
         )
+
+
+def _check_actor(actor: str, command_id: str | None) -> None:
+    check_text("actor", actor)
+    if command_id is not None:
+        check_text("command_id", command_id)
+
+
+def _check_labels(labels: dict[str, str] | None) -> None:
+    for key, value in (labels or {}).items():
+        check_text("labels", key, maximum=63)
+        check_text(f"labels[{key}]", value, maximum=253, empty=True)
+
+
+def _fingerprint(config: VMConfig | None, *request: object) -> str:
+    """``create`` plus a digest of what was asked: a command id reused for a
+    different create is refused instead of answered with the old sandbox."""
+    text = json.dumps(
+        [config.to_dict() if config else None, *request], sort_keys=True, default=str
+    )
+    return f"create {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _readable(command: str) -> str:
+    name, _, digest = command.partition(" ")
+    return f"{name} (request {digest})" if digest else name

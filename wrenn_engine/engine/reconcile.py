@@ -24,7 +24,7 @@ from wrenn_engine.domain import events as ev
 from wrenn_engine.domain.events import Metadata, host_stream
 from wrenn_engine.domain.state import SandboxState, State
 from wrenn_engine.errors import ConcurrencyError, SandboxBusy, WrennError
-from wrenn_engine.host.base import VmmProcess
+from wrenn_engine.host.base import VmmProcess, VmmSpec
 from wrenn_engine.host.procinfo import instance_alive
 from wrenn_engine.lifecycle.runner import describe
 
@@ -73,13 +73,14 @@ class Reconciler:
         """Reconcile one held sandbox; return a halt reason when it needs one."""
         sandbox = self.engine.get(sandbox_id)
         if sandbox.is_transient:
-            self._interrupted(sandbox)
+            self.interrupted(sandbox)
             return None
         if sandbox.state == State.RUNNING:
             return self._running(sandbox)
         return None
 
-    def _interrupted(self, sandbox: SandboxState) -> None:
+    def interrupted(self, sandbox: SandboxState) -> None:
+        """Finish or undo the transition a gone engine left half-way."""
         record = sandbox.transition
         if record is None:
             return
@@ -149,6 +150,7 @@ class Reconciler:
 
     def _leftovers(self) -> None:
         known = {f"{r.kind}:{r.name}" for r in self.store.held_resources(self.host_id)}
+        known |= self._launching()
         drivers = self.engine.drivers
         for driver in (drivers.vmm, drivers.network, drivers.rootfs):
             for kind, name in driver.leftovers(known):
@@ -165,6 +167,25 @@ class Reconciler:
                     )
                 )
                 self._note(f"removed leftover {kind} {name}")
+
+    def _launching(self) -> set[str]:
+        """VMMs that a live engine is launching right now.
+
+        Between starting a VMM and recording its pid, a live engine's VMM is
+        in no log; its ``vmm.launch`` intent is. Such a VMM is not a leftover.
+        """
+        protected: set[str] = set()
+        for sandbox in self.store.list_sandboxes(host_id=self.host_id):
+            record = sandbox.transition
+            if record is None or not instance_alive(record.engine, self.host_id):
+                continue
+            for step in record.steps:
+                spec = step.intent.get("spec")
+                if step.step == "vmm.launch" and step.result is None and spec:
+                    found = self.engine.drivers.vmm.find(VmmSpec(**spec))
+                    if found is not None:
+                        protected.add(f"vmm:{found.pid}")
+        return protected
 
     # --- recording --------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ T = TypeVar("T")
 
 def check_name(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` is a safe namespace name."""
-    if len(name.encode()) > NETNS_NAME_MAX or not NETNS_NAME_RE.match(name):
+    if len(name.encode()) > NETNS_NAME_MAX or not NETNS_NAME_RE.fullmatch(name):
         raise ValueError(
             f"network namespace name {name!r} must be 1 to {NETNS_NAME_MAX} bytes "
             "of letters, digits, '.', '-' and '_', starting with a letter or digit"

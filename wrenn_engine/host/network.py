@@ -128,6 +128,13 @@ class NetworkSettings:
 
     def validate(self) -> None:
         """Raise ConfigError for the first value out of its limits."""
+        if self.host_netns and self.host_netns.startswith(f"{self.prefix}-"):
+            raise ConfigError(
+                "host_netns",
+                f"{self.host_netns!r} starts with the prefix {self.prefix!r} and a "
+                "dash, like the sandbox namespaces this engine makes and removes",
+                hint="name the host namespace differently or choose another prefix",
+            )
         veth = _parse_pool("veth_pool", self.veth_pool)
         reachable = _parse_pool("host_reachable_pool", self.host_reachable_pool)
         for field, pool in (("veth_pool", veth), ("host_reachable_pool", reachable)):
@@ -159,7 +166,7 @@ class NetworkSettings:
 
         longest = len(str(self.max_slots - 1))
         room = IFNAME_MAX - longest - 2
-        if not PREFIX_RE.match(self.prefix) or len(self.prefix) > room:
+        if not PREFIX_RE.fullmatch(self.prefix) or len(self.prefix) > room:
             raise ConfigError(
                 "prefix",
                 f"{self.prefix!r} cannot start this engine's names",
@@ -169,7 +176,7 @@ class NetworkSettings:
                 hint="use a shorter prefix such as 'wrenn'",
             )
 
-        if not IFNAME_RE.match(self.tap) or len(self.tap.encode()) > IFNAME_MAX:
+        if not IFNAME_RE.fullmatch(self.tap) or len(self.tap.encode()) > IFNAME_MAX:
             raise ConfigError(
                 "tap",
                 f"{self.tap!r} is not a valid interface name",
@@ -419,10 +426,12 @@ class LinuxNetworkDriver:
             with IPRoute() as ipr:
                 links = [link.get("ifname") for link in ipr.link("dump")]
             tables = nft.list_tables()
-            return [("veth", name) for name in links if self._link_re.match(name)] + [
+            return [
+                ("veth", name) for name in links if self._link_re.fullmatch(name)
+            ] + [
                 ("nft_table", name)
                 for family, name in tables
-                if family == NFT_FAMILY and self._table_re.match(name)
+                if family == NFT_FAMILY and self._table_re.fullmatch(name)
             ]
 
         found += self._in_host(None, "list leftovers", look)
@@ -683,14 +692,18 @@ class LinuxNetworkDriver:
         return f"{self.settings.prefix}-{sandbox_id[:keep]}-{digest}"
 
     def _owns_netns(self, name: str) -> bool:
-        return name.startswith(f"{self.settings.prefix}-")
+        # The namespace playing the host is never one of ours to remove,
+        # whatever its name.
+        return name.startswith(f"{self.settings.prefix}-") and (
+            name != self.settings.host_netns
+        )
 
     def _owns(self, kind: str, name: str) -> bool:
         if kind == "netns":
             return self._owns_netns(name)
         if kind == "veth":
-            return bool(self._link_re.match(name))
-        return bool(self._table_re.match(name))
+            return bool(self._link_re.fullmatch(name))
+        return bool(self._table_re.fullmatch(name))
 
     def _check_host_forwarding(self, plan: NetworkPlan) -> None:
         """Warn once if the real host does not forward (the guest is cut off)."""
@@ -944,7 +957,7 @@ def _reachable_capacity(pool: IPv4Network) -> int:
 
 
 def _check_sandbox_id(sandbox_id: str) -> None:
-    if len(sandbox_id) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.match(sandbox_id):
+    if len(sandbox_id) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.fullmatch(sandbox_id):
         raise ConfigError(
             "sandbox_id",
             f"{sandbox_id!r} is not a valid sandbox id",
@@ -961,13 +974,13 @@ def _check_plan(plan: NetworkPlan) -> None:
         raise ConfigError("netns", str(exc)) from exc
     for field in ("host_veth", "ns_veth", "tap"):
         value = getattr(plan, field)
-        if not IFNAME_RE.match(value) or len(value.encode()) > IFNAME_MAX:
+        if not IFNAME_RE.fullmatch(value) or len(value.encode()) > IFNAME_MAX:
             raise ConfigError(
                 field,
                 f"{value!r} is not a valid interface name",
                 limit=f"at most {IFNAME_MAX} bytes",
             )
-    if not nft.TABLE_NAME_RE.match(plan.nft_table):
+    if not nft.TABLE_NAME_RE.fullmatch(plan.nft_table):
         raise ConfigError(
             "nft_table",
             f"{plan.nft_table!r} is not a table name",

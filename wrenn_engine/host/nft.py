@@ -113,7 +113,7 @@ def delete_table(family: str, name: str, namespace: str | None = None) -> None:
     One nfnetlink transaction, answered as soon as it is committed; a table
     that does not exist counts as deleted.
     """
-    if family not in _FAMILY_NUMBERS or not TABLE_NAME_RE.match(name):
+    if family not in _FAMILY_NUMBERS or not TABLE_NAME_RE.fullmatch(name):
         raise ConfigError(
             "table",
             f"{family} {name!r} is not an nftables table",

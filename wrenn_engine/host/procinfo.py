@@ -4,6 +4,7 @@ recycled pid."""
 from __future__ import annotations
 
 import os
+import secrets
 
 
 def start_time(pid: int) -> int | None:
@@ -23,17 +24,21 @@ def is_same_process(pid: int, started: int) -> bool:
 
 
 def instance_id(host_id: str) -> str:
-    """This process as an engine instance: ``host:pid:start_time``."""
+    """One engine object: ``host:pid:start_time:token``.
+
+    The token tells apart two engines in one process; the pid and its start
+    time tell whether the process is still alive (and not a recycled pid).
+    """
     pid = os.getpid()
-    return f"{host_id}:{pid}:{start_time(pid)}"
+    return f"{host_id}:{pid}:{start_time(pid)}:{secrets.token_hex(4)}"
 
 
 def instance_alive(instance: str, host_id: str) -> bool | None:
     """True/False for an instance on this host, None when it is another host's."""
-    parts = instance.rsplit(":", 2)
-    if len(parts) != 3:
+    parts = instance.rsplit(":", 3)
+    if len(parts) != 4:
         return False
-    host, pid, started = parts
+    host, pid, started, _token = parts
     if host != host_id:
         return None
     try:

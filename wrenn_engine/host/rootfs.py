@@ -441,7 +441,7 @@ class LinuxRootfsDriver:
         Raises :class:`ConfigError` for a bad id, a template that is not a
         regular file, or a configured strategy this host cannot run.
         """
-        if len(sandbox_id) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.match(sandbox_id):
+        if len(sandbox_id) > SANDBOX_ID_MAX or not SANDBOX_ID_RE.fullmatch(sandbox_id):
             raise ConfigError(
                 "sandbox_id",
                 f"{sandbox_id!r} is not a valid id",

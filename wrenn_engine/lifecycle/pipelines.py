@@ -12,8 +12,9 @@ import shutil
 from dataclasses import replace
 from typing import Any
 
+from wrenn_engine.domain.events import resource_key
 from wrenn_engine.domain.state import State
-from wrenn_engine.errors import VmmError
+from wrenn_engine.errors import ResourceBusy, VmmError
 from wrenn_engine.host import paths
 from wrenn_engine.host.base import (
     DiskSpec,
@@ -76,7 +77,16 @@ def _skipped(reason: str) -> Result:
 
 def plan_dir(ctx: StepContext) -> Intent:
     path = ctx.config.sandbox_dir
-    existed = os.path.isdir(path) and not os.path.islink(path)
+    existed = os.path.lexists(path)
+    if existed and resource_key("dir", path) not in ctx.sandbox.resources:
+        # Only a directory this engine made (and the log holds) is reused;
+        # anything else there is someone's data, never the sandbox's.
+        raise ResourceBusy(
+            "sandbox directory",
+            path,
+            "the engine did not create it; move it "
+            "away or give the sandbox another sandbox_dir / run directory",
+        )
     intent: Intent = {"path": path, "existed": existed}
     if not existed:
         intent["resources"] = [{"kind": "dir", "name": path}]
@@ -97,6 +107,8 @@ def undo_dir(ctx: StepContext, intent: Intent, result: Result | None) -> None:
 
 def run_dir_remove(ctx: StepContext, intent: Intent) -> Result:
     path = ctx.config.sandbox_dir
+    if resource_key("dir", path) not in ctx.sandbox.resources:
+        return _skipped("the log holds no directory the engine created")
     paths.remove_sandbox_dir(path)
     return {"released": [{"kind": "dir", "name": path}]}
 
@@ -122,16 +134,19 @@ def plan_rootfs(ctx: StepContext) -> Intent:
 def run_rootfs(ctx: StepContext, intent: Intent) -> Result:
     plan = RootfsPlan(**intent["plan"])
     if intent["attach"]:
+        # The disk (and its "rootfs" fact) was there before this command:
+        # report only the attachment, so an undo forgets only that.
         attachment = ctx.drivers.rootfs.attach(plan)
-        resources = _attachment_resources(attachment)
-    else:
-        attachment = ctx.drivers.rootfs.prepare(plan)
-        resources = [
+        return {
+            "resources": _attachment_resources(attachment),
+            "facts": {"rootfs_attachment": attachment.to_dict()},
+        }
+    attachment = ctx.drivers.rootfs.prepare(plan)
+    return {
+        "resources": [
             {"kind": "cow", "name": plan.cow_path},
             *_attachment_resources(attachment),
-        ]
-    return {
-        "resources": resources,
+        ],
         "facts": {"rootfs": plan.to_dict(), "rootfs_attachment": attachment.to_dict()},
     }
 

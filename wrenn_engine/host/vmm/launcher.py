@@ -113,7 +113,7 @@ def check_spec(spec: VmmSpec) -> None:
             hint="use a shorter directory or sandbox id",
         )
     if spec.netns and (
-        len(spec.netns) > NETNS_NAME_MAX or not NETNS_RE.match(spec.netns)
+        len(spec.netns) > NETNS_NAME_MAX or not NETNS_RE.fullmatch(spec.netns)
     ):
         raise ConfigError(
             "netns",
