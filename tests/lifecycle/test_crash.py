@@ -23,6 +23,7 @@ from wrenn_engine.domain.state import STABLE_STATES
 from wrenn_engine.engine import Engine
 from wrenn_engine.host.fake import FakeHost
 from wrenn_engine.lifecycle.failpoints import Failpoints
+from wrenn_engine.lifecycle.machine import COMMANDS
 from wrenn_engine.lifecycle.pipelines import default_pipelines
 
 CHILD = textwrap.dedent("""
@@ -62,6 +63,19 @@ def _cases() -> list[tuple[str, str]]:
         for step in pipelines[command].names():
             cases += [(command, step), (command, f"{step}.done")]
     return cases
+
+
+def _finished_state(command: str, failpoint: str) -> str | None:
+    """Where a crash at ``failpoint`` must leave the sandbox when the command's
+    point of no return had completed before it."""
+    spec = COMMANDS[command]
+    if not spec.roll_forward_after:
+        return None
+    names = default_pipelines()[command].names()
+    step = failpoint.removesuffix(".done")
+    point = names.index(spec.roll_forward_after)
+    past = names.index(step) > point
+    return str(spec.target) if past else None
 
 
 def _child(
@@ -135,6 +149,9 @@ def test_crash_then_reconcile_leaves_host_and_log_agreeing(
         sandbox = engine.get("sb-crash")
         assert sandbox.state in STABLE_STATES, sandbox.to_dict()
         assert sandbox.transition is None
+        finished = _finished_state(command, failpoint)
+        if finished:  # past the point of no return: finished, not undone
+            assert sandbox.state == finished, sandbox.last_error
         assert engine.store.verify_projections() == []
         held = {f"{r.kind}:{r.name}" for r in engine.store.held_resources("host-a")}
         assert host.objects <= held, (host.objects, held)

@@ -35,6 +35,9 @@ class CommandSpec:
     on_failure: str
     system: bool = False  # issued by the engine itself, not by a user
     description: str = ""
+    #: A step after which a crash is finished rather than undone: what is
+    #: left is idempotent releases, and going back would lose more.
+    roll_forward_after: str = ""
 
 
 _NON_TERMINAL = (State.PENDING, State.RUNNING, State.PAUSED, State.STOPPED, State.ERROR)
@@ -57,6 +60,7 @@ COMMANDS: dict[str, CommandSpec] = {
             State.PAUSED,
             "rollback",
             description="snapshot the VM and release VMM, network and loop devices",
+            roll_forward_after="vm.snapshot",
         ),
         CommandSpec(
             "resume",
@@ -65,6 +69,7 @@ COMMANDS: dict[str, CommandSpec] = {
             State.RUNNING,
             "rollback",
             description="restore a new VMM from the snapshot on a fresh slot",
+            roll_forward_after="vm.resume",
         ),
         CommandSpec(
             "stop",

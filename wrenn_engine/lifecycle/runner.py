@@ -360,6 +360,8 @@ class CommandRun:
         if self.spec.on_failure == "error":
             self.run_phase()
             return self._finish()
+        if self._past_no_return():
+            return self._roll_forward(interrupted_at)
 
         self.done = self._recorded_steps()
         reversible = _reversible(self.done)
@@ -369,6 +371,37 @@ class CommandRun:
             self.trigger("rollback", to=self.transition_source())
         else:
             self.trigger("fail")
+        return self._finish()
+
+    def _past_no_return(self) -> bool:
+        """True when the command's point of no return completed before the
+        crash (a pause whose snapshot is whole, a resume whose VM runs)."""
+        point = self.spec.roll_forward_after
+        record = self.sandbox.transition
+        if not point or record is None:
+            return False
+        done = record.step(point)
+        return done is not None and done.status == "completed"
+
+    def _roll_forward(self, interrupted_at: str) -> RunOutcome:
+        """Run the steps after the point of no return again (they are
+        idempotent releases) and complete the command."""
+        names = self.pipeline.names()
+        point = self.spec.roll_forward_after
+        remaining = [
+            s for s in self.pipeline if names.index(s.name) > names.index(point)
+        ]
+        log.info(
+            "sandbox %s: %s interrupted at %s, after %s: finishing it",
+            self.sandbox.id,
+            self.spec.name,
+            interrupted_at,
+            point,
+        )
+        if self._run_steps(remaining):
+            self.trigger("complete")
+        else:
+            self._unwind()
         return self._finish()
 
     def _recorded_steps(self) -> list[DoneStep]:
