@@ -38,3 +38,48 @@ def test_an_unknown_event_type_is_a_usage_error(cli: Run, tmp_path: Path):
 
     assert result.code == 2
     assert "'step.faild' is not an event type" in result.err
+
+
+def test_a_damaged_export_is_refused(cli: Run, tmp_path: Path):
+    import json
+    from datetime import UTC, datetime
+
+    from wrenn_engine.domain.events import (
+        Metadata,
+        RecordedEvent,
+        SandboxCreated,
+        StepStarted,
+    )
+
+    def line(version: int, event) -> str:  # type: ignore[no-untyped-def]
+        new = event.to_new()
+        return json.dumps(
+            RecordedEvent(
+                version,
+                "sb-x",
+                version,
+                new.type,
+                1,
+                new.data,
+                Metadata("a"),
+                datetime.now(UTC),
+            ).to_dict()
+        )
+
+    created = SandboxCreated({"sandbox_id": "sb-x"}, "host-a")
+    step = StepStarted("start", "sandbox.dir", {})
+    cases = {
+        "gap": [line(1, created), line(3, step)],
+        "repeat": [line(1, created), line(1, created)],
+        "fields": [line(1, created).replace('"host_id": "host-a"', '"hostid": 1')],
+    }
+    for name, lines in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        result = cli("replay", "--file", str(path))
+        assert result.code == 1, (name, result)
+        assert "unexpected error" not in result.err
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    result = cli("replay", "--file", str(binary))
+    assert result.code == 1 and "not UTF-8" in result.err

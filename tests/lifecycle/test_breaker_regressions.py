@@ -147,3 +147,9 @@ def test_a_repeated_command_answers_with_where_the_first_ended(engine: Engine, f
         t.join(10)
 
     assert results == ["paused"] * 4
+
+
+def test_a_failpoint_that_names_no_step_is_refused(make_engine: EngineFactory):
+    with pytest.raises(ConfigError) as raised:
+        make_engine(failpoints={"nosuch.step": "error"})
+    assert "names no step" in str(raised.value)

@@ -32,7 +32,7 @@ from wrenn_engine.cli.common import (
     sqlite_file,
     utc_text,
 )
-from wrenn_engine.domain.events import RecordedEvent, is_sandbox_stream
+from wrenn_engine.domain.events import EVENT_TYPES, RecordedEvent, is_sandbox_stream
 from wrenn_engine.domain.state import SandboxState, explain, state_at
 from wrenn_engine.domain.upcasting import upcast
 from wrenn_engine.errors import SandboxNotFound
@@ -374,6 +374,11 @@ def read_export(path: str, sandbox_id: str | None) -> list[RecordedEvent]:
             lines = f.readlines()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "`wrenn-engine export ID` writes UTF-8 JSON lines"
+        ) from exc
 
     found: list[RecordedEvent] = []
     for number, line in enumerate(lines, 1):
@@ -389,6 +394,13 @@ def read_export(path: str, sandbox_id: str | None) -> list[RecordedEvent]:
         schema, data = upcast(
             event.stream_id, event.version, event.type, event.schema_version, event.data
         )
+        try:
+            EVENT_TYPES[event.type](**data)
+        except TypeError as exc:
+            raise CliError(
+                f"{path} line {number}: the data of a {event.type} event does not "
+                f"have its documented fields ({exc}); see docs/events.md"
+            ) from exc
         found.append(replace(event, schema_version=schema, data=data))
 
     streams = sorted({e.stream_id for e in found})
@@ -406,7 +418,18 @@ def read_export(path: str, sandbox_id: str | None) -> list[RecordedEvent]:
         )
     elif not streams:
         raise CliError(f"{path} holds no events")
-    return sorted(found, key=lambda e: e.version)
+    found.sort(key=lambda e: e.version)
+    versions = [e.version for e in found]
+    expected = list(range(versions[0], versions[0] + len(versions)))
+    if versions[0] != 1 or versions != expected:
+        missing = sorted(set(range(1, versions[-1] + 1)) - set(versions))
+        repeated = sorted({v for v in versions if versions.count(v) > 1})
+        raise CliError(
+            f"{path}: the stream of {found[0].stream_id} is not whole (versions "
+            f"missing: {missing[:5] or 'none'}, repeated: {repeated[:5] or 'none'}); "
+            "a replay of part of a history would mislead, so export it again"
+        )
+    return found
 
 
 def _stream(args: argparse.Namespace) -> list[RecordedEvent]:

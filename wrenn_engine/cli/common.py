@@ -35,8 +35,20 @@ class CliError(WrennError):
 
 def db_url(args: argparse.Namespace) -> str | None:
     """``--db``, else ``$WRENN_ENGINE_DB``, else None (the embedded default)."""
-    given = getattr(args, "db", None)
-    return given or os.environ.get("WRENN_ENGINE_DB") or None
+    given = getattr(args, "db", None) or os.environ.get("WRENN_ENGINE_DB") or None
+    if given:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(given)
+        except ArgumentError as exc:
+            raise CliError(
+                f"--db {given!r} is not a database URL; use e.g. "
+                "sqlite:////var/lib/wrenn-engine/engine.db or "
+                "postgresql+psycopg://user@host/db"
+            ) from exc
+    return given
 
 
 def resolved_db_url(args: argparse.Namespace) -> str:

@@ -47,6 +47,7 @@ from wrenn_engine.host import paths
 from wrenn_engine.host.base import HostDrivers
 from wrenn_engine.host.procinfo import instance_id
 from wrenn_engine.lifecycle.failpoints import Failpoints
+from wrenn_engine.lifecycle.failpoints import names as failpoint_names
 from wrenn_engine.lifecycle.machine import COMMANDS, allowed_sources
 from wrenn_engine.lifecycle.pipelines import default_pipelines
 from wrenn_engine.lifecycle.runner import AlreadyApplied, CommandRun, describe
@@ -83,6 +84,7 @@ class Engine:
         )
         self.pipelines = pipelines or default_pipelines()
         self.instance = instance_id(self.host_id)
+        self._check_failpoints()
 
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -534,6 +536,18 @@ class Engine:
             command_id=command_id,
             on_append=lambda s: self._notify(),
         )
+
+    def _check_failpoints(self) -> None:
+        """An armed failpoint no step has is a typo that would make a drill
+        pass without testing anything: refuse it."""
+        known = set(failpoint_names(self.step_names()))
+        unknown = sorted(set(self.failpoints.armed()) - known)
+        if unknown:
+            raise ConfigError(
+                "WRENN_ENGINE_FAILPOINTS",
+                f"{unknown[0]!r} names no step",
+                hint="`wrenn-engine debug failpoints` lists every name",
+            )
 
     def _recover_after_failure(self, sandbox_id: str, command: str) -> None:
         """With the sandbox held: end a transition this engine left half-way."""
