@@ -7,6 +7,8 @@ once per backend. Assertions are on what the database returns.
 from __future__ import annotations
 
 import threading
+from contextlib import closing
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -23,7 +25,13 @@ from tests.store.builders import (
     step_undone,
     take_slot,
 )
-from wrenn_engine.domain.events import Metadata, NewEvent
+from wrenn_engine.domain.events import (
+    ActivityRecorded,
+    Metadata,
+    NewEvent,
+    ReconcileActed,
+    host_stream,
+)
 from wrenn_engine.domain.state import fold, state_at
 from wrenn_engine.errors import (
     ConcurrencyError,
@@ -32,8 +40,8 @@ from wrenn_engine.errors import (
     SlotTaken,
     UnknownEventError,
 )
-from wrenn_engine.store import AppendResult, EventQuery, SqlEventStore
-from wrenn_engine.store.schema import network_slots, resources, sandboxes
+from wrenn_engine.store import AppendResult, EventQuery, SqlEventStore, open_store
+from wrenn_engine.store.schema import events, network_slots, resources, sandboxes
 
 # --- append and read -------------------------------------------------------------
 
@@ -145,6 +153,71 @@ def test_unknown_event_type_is_refused_before_writing(store: SqlEventStore) -> N
 def test_empty_append_is_refused(store: SqlEventStore) -> None:
     with pytest.raises(ValueError, match="at least one event"):
         store.append("sb1", [], expected_version=0, metadata=meta())
+
+
+def test_a_first_append_may_create_the_row_and_claim_a_slot(
+    store: SqlEventStore,
+) -> None:
+    store.append(
+        "sb1",
+        [
+            created(),
+            started(),
+            step_started("network.prepare", ("slot", "7"), ("netns", "ns-sb1")),
+        ],
+        expected_version=0,
+        metadata=meta(),
+    )
+
+    assert store.network_slots("h1") == {7: "sb1"}
+    assert {(r.kind, r.name, r.status) for r in store.held_resources()} == {
+        ("slot", "7", "intended"),
+        ("netns", "ns-sb1", "intended"),
+    }
+    with pytest.raises(SlotTaken):
+        store.append(
+            "sb2",
+            [created(), started(), step_started("network.prepare", ("slot", "7"))],
+            expected_version=0,
+            metadata=meta(),
+        )
+    assert store.get_sandbox("sb2") is None
+    assert store.read_stream("sb2") == []
+    assert store.verify_projections() == []
+
+
+def test_host_streams_have_versions_and_commands_but_no_projection(
+    store: SqlEventStore,
+) -> None:
+    stream = host_stream("h1")
+    finished = ReconcileActed("finished").to_new()
+    first = store.append(
+        stream,
+        [finished],
+        expected_version=0,
+        metadata=meta(),
+        command_id="r-1",
+        command="reconcile",
+    )
+
+    with pytest.raises(ConcurrencyError) as caught:
+        store.append(stream, [finished], expected_version=0, metadata=meta())
+    assert (caught.value.expected, caught.value.actual) == (0, 1)
+    again = store.append(
+        stream,
+        [finished],
+        expected_version=0,
+        metadata=meta(),
+        command_id="r-1",
+        command="reconcile",
+    )
+    assert again == replace(first, replayed=True)
+    store.append(stream, [finished, finished], expected_version=1, metadata=meta())
+
+    assert [e.version for e in store.read_stream(stream)] == [1, 2, 3]
+    assert store.get_sandbox(stream) is None
+    assert store.list_sandboxes() == []
+    assert store.verify_projections() == []
 
 
 # --- idempotency -------------------------------------------------------------------
@@ -484,6 +557,44 @@ def test_rebuild_and_verify_find_and_repair_tampering(
     assert [s.id for s in store.list_sandboxes(states=["running"])] == ["sb1", "sb2"]
 
 
+def test_an_append_builds_on_what_the_database_holds(
+    store: SqlEventStore,
+    raw: sa.Engine,
+    db_url: str,
+) -> None:
+    """Whatever a store remembers of its own last append to a sandbox, the
+    next append folds onto the projection row as the database holds it."""
+    new_sandbox(store, "sb1")
+    store.append("sb1", [started()], expected_version=1, metadata=meta())
+
+    # Another writer (another process, another host) appends in between.
+    with closing(open_store(db_url)) as other:
+        other.append("sb1", [completed()], expected_version=2, metadata=meta())
+    store.append(
+        "sb1", [ActivityRecorded("a").to_new()], expected_version=3, metadata=meta()
+    )
+    sb1 = store.get_sandbox("sb1")
+    assert sb1 is not None
+    assert (sb1.state, sb1.version, sb1.transition) == ("running", 4, None)
+
+    # The row is changed behind every store's back, at the same version.
+    with raw.begin() as conn:
+        snapshot = conn.execute(
+            sa.select(sandboxes.c.snapshot).where(sandboxes.c.id == "sb1")
+        ).scalar_one()
+        conn.execute(
+            sa.update(sandboxes)
+            .where(sandboxes.c.id == "sb1")
+            .values(snapshot={**snapshot, "labels": {"edited": "by hand"}})
+        )
+    store.append(
+        "sb1", [ActivityRecorded("b").to_new()], expected_version=4, metadata=meta()
+    )
+    sb1 = store.get_sandbox("sb1")
+    assert sb1 is not None
+    assert (sb1.version, sb1.labels) == (5, {"edited": "by hand"})
+
+
 def test_append_refolds_a_stream_whose_projection_lags(
     store: SqlEventStore,
     raw: sa.Engine,
@@ -682,6 +793,79 @@ def test_keyset_pages_are_stable_on_shared_times_and_new_events(
     assert pages == 3
 
 
+def test_times_never_go_back_in_position_order(
+    store: SqlEventStore,
+    raw: sa.Engine,
+) -> None:
+    """An append takes the later of its clock and the last event's time, so a
+    clock behind another host's (or stepped back) cannot make time go back."""
+    new_sandbox(store, "sb1")
+    ahead = datetime.now(UTC) + timedelta(hours=1)
+    with raw.begin() as conn:  # the last event came from a clock an hour ahead
+        conn.execute(
+            sa.insert(events).values(
+                stream_id=host_stream("h9"),
+                version=1,
+                type="reconcile.acted",
+                schema_version=1,
+                data={"action": "finished"},
+                actor="h9",
+                host_id="h9",
+                recorded_at=ahead,
+            )
+        )
+
+    store.append("sb1", [started(), completed()], expected_version=1, metadata=meta())
+
+    log = list(store.read_all())
+    assert [e.recorded_at for e in log] == sorted(e.recorded_at for e in log)
+    assert [e.recorded_at for e in log[-2:]] == [ahead, ahead]
+    sb1 = store.get_sandbox("sb1")
+    assert sb1 is not None and sb1.updated_at == ahead
+    assert store.query(EventQuery(since=ahead)) == log[-3:]
+    assert store.query(EventQuery(until=ahead)) == log[:-3]
+
+
+def test_a_time_range_is_a_range_of_positions(store: SqlEventStore) -> None:
+    """Every window of time selects one contiguous run of positions: exactly
+    the events recorded in it, also where appends share a timestamp."""
+    for i in range(5):
+        store.append(
+            f"sb{i}",
+            [created(f"h{i % 2}"), started(), completed()],
+            expected_version=0,
+            metadata=meta(host_id=f"h{i % 2}"),
+        )
+    log = list(store.read_all())
+    times = sorted({e.recorded_at for e in log})
+    assert len(times) < len(log)  # each append's events share their time
+    micro = timedelta(microseconds=1)
+    bounds = [None, times[0] - micro, *times, times[-1] + micro]
+    bounds += [t + micro for t in times]
+
+    for since in bounds:
+        for until in bounds:
+            query = EventQuery(since=since, until=until)
+            expected = _matches(store, query)
+            got = [e.position for e in store.query(query)]
+            assert got == expected, (since, until)
+            first = (
+                log.index(next(e for e in log if e.position == got[0])) if got else 0
+            )
+            assert got == [e.position for e in log[first : first + len(got)]]
+            hosted = EventQuery(since=since, until=until, host_ids=["h1"], limit=2)
+            assert [e.position for e in store.query(hosted)] == _matches(store, hosted)
+
+    # Paging through a window, one event per page.
+    window = EventQuery(since=times[1], until=times[-1], limit=1)
+    pages: list[int] = []
+    while page := store.query(
+        replace(window, after_position=pages[-1] if pages else 0)
+    ):
+        pages += [e.position for e in page]
+    assert pages == _matches(store, replace(window, limit=len(log)))
+
+
 # --- waiting -------------------------------------------------------------------------
 
 
@@ -755,10 +939,12 @@ def test_driver_errors_are_translated_with_their_cause(
 
 def test_constraint_violations_become_typed_errors(
     store: SqlEventStore,
+    raw: sa.Engine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A writer that skipped the append lock is caught by the constraints, and
-    the violation still reads as the typed error, with the data."""
+    """A check that was misled (a projection behind the log, a writer that
+    skipped the append lock) is caught by the constraints, and the violation
+    still reads as the typed error, with the data."""
     take_slot(store, "sb1", 3)
     new_sandbox(store, "sb2")
     store.append(
@@ -770,18 +956,19 @@ def test_constraint_violations_become_typed_errors(
         command="start",
     )
 
-    # Stale version check: the unique (stream, version) constraint answers.
-    real_version = store._stream_version
-    stale = iter([1])
-    monkeypatch.setattr(
-        store,
-        "_stream_version",
-        lambda conn, sid: next(stale, None) or real_version(conn, sid),
-    )
+    # The projection row claims version 1, the log is at 2: the version check
+    # passes, the unique (stream, version) constraint answers.
+    with raw.begin() as conn:
+        conn.execute(
+            sa.update(sandboxes).where(sandboxes.c.id == "sb2").values(version=1)
+        )
     with pytest.raises(ConcurrencyError) as conflict:
         store.append("sb2", [completed()], expected_version=1, metadata=meta())
     assert (conflict.value.expected, conflict.value.actual) == (1, 2)
-    monkeypatch.undo()
+    with raw.begin() as conn:
+        conn.execute(
+            sa.update(sandboxes).where(sandboxes.c.id == "sb2").values(version=2)
+        )
 
     # Slot check skipped: the (host, slot) primary key answers.
     monkeypatch.setattr(store, "_slot_holder", _holder_unseen_once(store))

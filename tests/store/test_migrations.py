@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 from contextlib import closing
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from tests.store.builders import meta, new_sandbox, started, take_slot
+from wrenn_engine.domain.events import ReconcileActed, host_stream
 from wrenn_engine.errors import ConfigError, SchemaError, StoreError
-from wrenn_engine.store import SqlEventStore, open_store
+from wrenn_engine.store import EventQuery, SqlEventStore, open_store
 from wrenn_engine.store.migrate import (
     check_schema,
     current_revision,
@@ -27,9 +30,22 @@ from wrenn_engine.store.migrate import (
     script_location,
     upgrade,
 )
-from wrenn_engine.store.schema import VERSION_TABLE, metadata
+from wrenn_engine.store.schema import (
+    TIMES_ORDERED_AFTER,
+    VERSION_TABLE,
+    events,
+    log_marks,
+    metadata,
+)
 
-TABLES = {"events", "commands", "sandboxes", "network_slots", "resources"}
+TABLES = {
+    "events",
+    "commands",
+    "sandboxes",
+    "network_slots",
+    "resources",
+    "log_marks",
+}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,7 +68,7 @@ def test_an_empty_database_is_behind_until_upgraded(db_url: str) -> None:
         open_store(db_url)
 
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0002"
+    assert current_revision(db_url) == head_revision() == "0003"
     check_schema(db_url)
 
 
@@ -67,9 +83,11 @@ def test_up_down_up_keeps_the_data_and_base_drops_it(
         log = list(store.read_all())
         sb1 = store.get_sandbox("sb1")
 
+    assert _times_ordered_after(raw) == 0  # the store kept times in order
     downgrade(db_url, "0001")
     assert current_revision(db_url) == "0001"
     assert "ix_events_correlation_position" not in _event_indexes(raw)
+    assert "log_marks" not in _tables(raw)
     with raw.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar() == 6
     with pytest.raises(SchemaError) as behind:
@@ -78,6 +96,7 @@ def test_up_down_up_keeps_the_data_and_base_drops_it(
 
     upgrade(db_url)
     assert "ix_events_correlation_position" in _event_indexes(raw)
+    assert _times_ordered_after(raw) == 0
     with closing(open_store(db_url)) as store:
         assert list(store.read_all()) == log
         assert store.get_sandbox("sb1") == sb1
@@ -95,6 +114,104 @@ def test_up_down_up_keeps_the_data_and_base_drops_it(
         assert store.last_position() == 0
         new_sandbox(store, "sb3")
         assert [e.version for e in store.read_stream("sb3")] == [1]
+
+
+def _times_ordered_after(raw: sa.Engine) -> int | None:
+    with raw.connect() as conn:
+        return conn.execute(
+            sa.select(log_marks.c.position).where(
+                log_marks.c.name == TIMES_ORDERED_AFTER
+            )
+        ).scalar()
+
+
+def test_0003_marks_where_an_older_log_goes_back_in_time(
+    db_url: str,
+    raw: sa.Engine,
+) -> None:
+    """A log written before 0003 may go back in time (a clock stepped back,
+    hosts that disagree). The upgrade marks the position before the last
+    place where it does; time queries stay exact on both sides of the mark,
+    and appends from then on keep time in order. Down and up keep the events
+    and find the same mark."""
+    upgrade(db_url, "0002")
+    t0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    minutes = [0, 1, 2, 5, 3, 4, 4, 6, 7]  # back in time at the fifth event
+    with raw.begin() as conn:
+        conn.execute(
+            sa.insert(events),
+            [
+                {
+                    "stream_id": host_stream("h1"),
+                    "version": version,
+                    "type": "reconcile.acted",
+                    "schema_version": 1,
+                    "data": {"action": "finished", "detail": str(m)},
+                    "actor": "old-engine",
+                    "host_id": "h1",
+                    "recorded_at": t0 + timedelta(minutes=m),
+                }
+                for version, m in enumerate(minutes, 1)
+            ],
+        )
+
+    upgrade(db_url)
+    with closing(open_store(db_url)) as store:
+        log = list(store.read_all())
+        assert _times_ordered_after(raw) == log[3].position  # the 5-minute event
+        store.append(
+            host_stream("h1"),
+            [ReconcileActed("finished").to_new()],
+            expected_version=len(minutes),
+            metadata=meta(),
+        )
+        log = list(store.read_all())
+        assert log[-1].recorded_at >= log[-2].recorded_at
+
+        bounds = [
+            None,
+            *(t0 + timedelta(minutes=m, seconds=s) for m in range(9) for s in (0, 30)),
+        ]
+        for since in bounds:
+            for until in bounds:
+                for limit in (1, 3, 100):
+                    query = EventQuery(since=since, until=until, limit=limit)
+                    expected = [
+                        e.position
+                        for e in log
+                        if (since is None or e.recorded_at >= since)
+                        and (until is None or e.recorded_at < until)
+                    ][:limit]
+                    got = [e.position for e in store.query(query)]
+                    assert got == expected, (since, until, limit)
+        # Pages of one event walk across the mark in position order.
+        window = EventQuery(since=t0 + timedelta(minutes=3), limit=1)
+        pages: list[int] = []
+        while page := store.query(
+            replace(window, after_position=pages[-1] if pages else 0)
+        ):
+            pages += [e.position for e in page]
+        assert pages == [
+            e.position for e in log if e.recorded_at >= t0 + timedelta(minutes=3)
+        ]
+        # Without the mark, nothing is assumed about the order of times.
+        with raw.begin() as conn:
+            conn.execute(sa.delete(log_marks))
+        for since in bounds[::3]:
+            query = EventQuery(since=since, until=t0 + timedelta(minutes=5))
+            assert store.query(query) == [
+                e
+                for e in log
+                if (since is None or e.recorded_at >= since)
+                and e.recorded_at < t0 + timedelta(minutes=5)
+            ]
+
+    downgrade(db_url, "0002")
+    assert "log_marks" not in _tables(raw)
+    with raw.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar() == 10
+    upgrade(db_url)
+    assert _times_ordered_after(raw) == log[3].position
 
 
 def test_schema_module_matches_the_migrations(db_url: str, raw: sa.Engine) -> None:

@@ -14,6 +14,8 @@ Tables:
 - ``network_slots``: ``(host_id, slot)`` held by a sandbox; the primary key
   makes a slot unique per host.
 - ``resources``: every host resource the log says a sandbox holds.
+- ``log_marks``: named positions in the log (revision 0003); see
+  ``TIMES_ORDERED_AFTER``.
 """
 
 from __future__ import annotations
@@ -160,6 +162,21 @@ resources = sa.Table(
     ),
     sa.Index("ix_resources_host_id", "host_id"),
 )
+
+log_marks = sa.Table(
+    "log_marks",
+    metadata,
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("name", name="pk_log_marks"),
+)
+
+#: The ``log_marks`` row after whose position ``recorded_at`` never decreases
+#: in position order. Appends keep it so (each takes the later of its clock
+#: and the last event's time, under the append lock); revision 0003 set it
+#: past the last place where an older log went back in time (0 if it never
+#: did). Audit queries answer a time range there as a range of positions.
+TIMES_ORDERED_AFTER = "times_ordered_after"
 
 #: The projection tables, in the order they are filled (children last).
 PROJECTION_TABLES = (sandboxes, network_slots, resources)

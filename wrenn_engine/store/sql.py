@@ -16,20 +16,26 @@ follower reading "after position P" never misses an event:
   wrenn_events, '<last position>'`` inside its transaction; waiters LISTEN on
   one dedicated connection.
 
+Under that lock an append also takes the later of its clock and the last
+event's time as its ``recorded_at``, so times never decrease in position
+order: an audit query answers a time range as a range of positions.
+
 Projections (``sandboxes``, ``network_slots``, ``resources``) are written in
 the append's transaction by folding the new events onto the stored snapshot
 with ``wrenn_engine.domain.state.evolve``. Every read passes stored rows
 through ``wrenn_engine.domain.upcasting.upcast``.
 
-Driver errors become StoreErrors in exactly one place: ``_translate``.
+The append is the one hot path written against the driver (see ``append``);
+everything else goes through SQLAlchemy Core. Driver errors become
+StoreErrors in exactly one place: ``_translate``.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import logging
+import select
 import sqlite3
 import threading
 import time
@@ -75,8 +81,10 @@ from wrenn_engine.store.base import (
 )
 from wrenn_engine.store.schema import (
     EVENT_COLUMNS,
+    TIMES_ORDERED_AFTER,
     commands,
     events,
+    log_marks,
     network_slots,
     resources,
     sandboxes,
@@ -208,10 +216,47 @@ def create_sql_engine(
     return engine
 
 
+def _pg_append_engine(url: sa.URL) -> Engine:
+    """The pool of the append's PostgreSQL connections (autocommit, for
+    pipeline mode; see ``SqlEventStore._append_tx``).
+
+    Instead of a ping round trip at every checkout (``pool_pre_ping``), a
+    connection is checked for something to read: an idle connection has
+    nothing, unless the server closed it or announced why it will (a restart,
+    an administrator's terminate). Such a connection is replaced before use.
+    A connection that died silently (a network cut) fails in the append's
+    first round trip instead, which sends nothing that could take effect.
+    """
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # The append's statements are keyed lookups whose best plan does not
+        # depend on their parameters: plan them once per connection (psycopg
+        # prepares a statement on its fifth use), not at every execution.
+        dbapi_connection.execute("SET plan_cache_mode = force_generic_plan")
+
+    @sa_event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if dbapi_connection.closed or dbapi_connection.broken:
+            raise sa.exc.DisconnectionError("the connection is closed")
+        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+        if readable:
+            raise sa.exc.DisconnectionError("the server closed the connection")
+
+    return engine
+
+
 # --- error translation ----------------------------------------------------------
 
 Conflict = Callable[[str], StoreError | None]
 _DRIVER_ERRORS = (sa.exc.SQLAlchemyError, sqlite3.Error, psycopg.Error)
+#: Through SQLAlchemy, or straight from the driver (``append``).
+_INTEGRITY_ERRORS = (
+    sa.exc.IntegrityError,
+    sqlite3.IntegrityError,
+    psycopg.IntegrityError,
+)
 
 
 @contextmanager
@@ -226,7 +271,7 @@ def _translate(operation: str, conflict: Conflict | None = None) -> Iterator[Non
         yield
     except WrennError:
         raise
-    except sa.exc.IntegrityError as exc:
+    except _INTEGRITY_ERRORS as exc:
         typed: StoreError | None = None
         if conflict is not None:
             try:
@@ -242,12 +287,13 @@ def _translate(operation: str, conflict: Conflict | None = None) -> Iterator[Non
         raise StoreError(f"{operation}: {exc}") from exc
 
 
-def _constraint_name(exc: sa.exc.IntegrityError) -> str:
-    diag = getattr(exc.orig, "diag", None)
+def _constraint_name(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    diag = getattr(orig, "diag", None)
     name = getattr(diag, "constraint_name", None)
     if name:
         return str(name)
-    message = str(exc.orig)
+    message = str(orig)
     for columns, constraint in _SQLITE_CONSTRAINTS.items():
         if columns in message:
             return constraint
@@ -352,6 +398,357 @@ class _Attempt:
     claimed_slots: list[tuple[str, int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """What an append reads first, in one statement: the stream's projection
+    row (for a host stream only the log's version), the last event's time,
+    and the record of the append's command id."""
+
+    version: int | None  # None: no projection row
+    state: str | None
+    host_id: str | None
+    snapshot: Any
+    last_time: Any
+    command_stream: str | None  # None: the command id is new
+    command: str | None
+    command_first: Any
+    command_last: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What the projection tables hold for a sandbox before an append."""
+
+    version: int | None  # None: no row
+    state: str | None
+    host_id: str | None
+    slots: dict[tuple[str, int], str]
+    resources: dict[tuple[str, str], tuple[str, str]]
+
+    @classmethod
+    def of(cls, head: _Head, stored: SandboxState | None) -> _Held:
+        if stored is None:
+            return cls(head.version, head.state, head.host_id, {}, {})
+        return cls(
+            head.version,
+            head.state,
+            head.host_id,
+            _slot_rows(stored),
+            _resource_rows(stored),
+        )
+
+
+@dataclass(slots=True)
+class _Writes:
+    """Everything one append writes, collected before any of it is sent."""
+
+    stream_id: str
+    expected_version: int
+    events: Sequence[NewEvent]
+    texts: list[str]  # the events' data as JSON
+    metadata: Metadata
+    now: Any  # recorded_at, as the driver binds it
+    command_id: str | None
+    command: str
+    #: The sandboxes row (state, version, host_id, last_error, created_at,
+    #: updated_at, config_summary, snapshot, id); None for a host stream.
+    sandbox: tuple[Any, ...] | None = None
+    new_sandbox: bool = False
+    state_changed: bool = True
+    host_changed: bool = True
+    slots_gone: list[tuple[str, int]] = field(default_factory=list)
+    slots_claimed: list[tuple[str, int]] = field(default_factory=list)
+    resources_gone: list[tuple[str, str]] = field(default_factory=list)
+    #: (kind, name, host_id, status)
+    resources_added: list[tuple[str, str, str, str]] = field(default_factory=list)
+    resources_changed: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def meta(self) -> tuple[Any, ...]:
+        """The columns every event of the append shares, in insert order."""
+        m = self.metadata
+        return (
+            m.actor,
+            m.host_id,
+            m.command_id,
+            m.correlation_id,
+            m.causation_id,
+            self.now,
+        )
+
+
+class _StateCache:
+    """The state each recent append left a sandbox in, with the snapshot text
+    it stored: spares the next append to the sandbox parsing it again.
+
+    SQLite only, where a snapshot reads back as the very text written. An
+    entry is used only when the snapshot an append reads inside its write
+    transaction is that text, so a change by any other writer (another
+    process, a rebuild, an edit) is seen. It is taken out for use, as evolve
+    mutates it, and put back only after a commit. Safe to share between
+    threads; keeps the ``size`` most recently written sandboxes.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[str, SandboxState]] = {}
+
+    def take(self, stream_id: str, snapshot: Any) -> SandboxState | None:
+        with self._lock:
+            entry = self._entries.pop(stream_id, None)
+        if entry is None or entry[0] != snapshot:
+            return None
+        return entry[1]
+
+    def put(self, stream_id: str, snapshot: str, state: SandboxState) -> None:
+        with self._lock:
+            self._entries[stream_id] = (snapshot, state)
+            if len(self._entries) > self._size:
+                del self._entries[next(iter(self._entries))]
+
+
+# --- the append's statements ------------------------------------------------------
+
+_INSERT_COLUMNS = (
+    "stream_id, version, type, schema_version, data, actor, host_id, command_id, "
+    "correlation_id, causation_id, recorded_at"
+)
+_SANDBOX_COLUMNS = (
+    "state, version, host_id, last_error, created_at, updated_at, config_summary, "
+    "snapshot"
+)
+#: The last event's time and a command id's record, beside the stream's head.
+_HEAD_JOINS = (
+    "FROM (SELECT (SELECT recorded_at FROM events ORDER BY position DESC LIMIT 1)"
+    " AS recorded_at) AS t "
+)
+_HEAD_COMMAND = (
+    "t.recorded_at, c.stream_id, c.command, c.first_position, c.last_position "
+)
+
+#: PostgreSQL writes an append with one statement, whatever the number of
+#: events and changes: they travel as two JSON documents (``events``,
+#: ``changes``) that the server unpacks, so psycopg adapts a few scalars and
+#: the server plans the statement once. Every part runs exactly once, on one
+#: snapshot, and no two parts touch the same row. The NOTIFY payload is the
+#: last position.
+_PG_WRITE = """
+WITH new_events AS (
+    INSERT INTO events ({columns})
+    SELECT %(stream_id)s::text, e.version, e.type, e.schema_version, e.data,
+        %(actor)s::text, %(host_id)s::text, %(command_id)s::text,
+        %(correlation_id)s::text, %(causation_id)s::text, %(now)s::timestamptz
+    FROM jsonb_to_recordset(%(events)s::jsonb)
+        AS e(version int, type text, schema_version int, data jsonb)
+    ORDER BY e.version
+    RETURNING position, version
+), new_command AS (
+    INSERT INTO commands (command_id, stream_id, command, first_position,
+        last_position, recorded_at)
+    SELECT %(command_id)s::text, %(stream_id)s::text, %(command)s::text,
+        min(position), max(position), %(now)s::timestamptz
+    FROM new_events HAVING %(command_id)s::text IS NOT NULL
+){projection}
+SELECT position, version,
+    (SELECT pg_notify(%(channel)s::text, max(position)::text) FROM new_events)
+FROM new_events
+"""
+_PG_WRITE_PROJECTION = """, new_sandbox AS (
+    INSERT INTO sandboxes (id, {sandbox_columns})
+    SELECT %(stream_id)s::text, %(state)s::text, %(version)s::int,
+        %(sandbox_host_id)s::text, %(last_error)s::text,
+        %(created_at)s::timestamptz, %(updated_at)s::timestamptz,
+        %(config_summary)s::jsonb, %(snapshot)s::jsonb
+    WHERE %(new)s::boolean
+), changed_sandbox AS (
+    UPDATE sandboxes SET state = %(state)s::text, version = %(version)s::int,
+        host_id = %(sandbox_host_id)s::text, last_error = %(last_error)s::text,
+        created_at = %(created_at)s::timestamptz,
+        updated_at = %(updated_at)s::timestamptz,
+        config_summary = %(config_summary)s::jsonb, snapshot = %(snapshot)s::jsonb
+    WHERE id = %(stream_id)s::text AND NOT %(new)s::boolean
+), gone_slots AS (
+    DELETE FROM network_slots
+    WHERE sandbox_id = %(stream_id)s::text AND (host_id, slot) IN (
+        SELECT * FROM jsonb_to_recordset(%(changes)s::jsonb -> 'gone_slots')
+            AS g(host_id text, slot int))
+), new_slots AS (
+    INSERT INTO network_slots (host_id, slot, sandbox_id)
+    SELECT n.host_id, n.slot, %(stream_id)s::text
+    FROM jsonb_to_recordset(%(changes)s::jsonb -> 'new_slots')
+        AS n(host_id text, slot int)
+), gone_resources AS (
+    DELETE FROM resources
+    WHERE sandbox_id = %(stream_id)s::text AND (kind, name) IN (
+        SELECT * FROM jsonb_to_recordset(%(changes)s::jsonb -> 'gone_resources')
+            AS g(kind text, name text))
+), new_resources AS (
+    INSERT INTO resources (sandbox_id, kind, name, host_id, status)
+    SELECT %(stream_id)s::text, n.kind, n.name, n.host_id, n.status
+    FROM jsonb_to_recordset(%(changes)s::jsonb -> 'new_resources')
+        AS n(kind text, name text, host_id text, status text)
+), changed_resources AS (
+    UPDATE resources SET host_id = c.host_id, status = c.status
+    FROM jsonb_to_recordset(%(changes)s::jsonb -> 'changed_resources')
+        AS c(kind text, name text, host_id text, status text)
+    WHERE resources.sandbox_id = %(stream_id)s::text
+        AND resources.kind = c.kind AND resources.name = c.name
+)"""
+
+
+def _driver_sql(template: str, backend: str) -> str:
+    """``template`` in the driver's paramstyle: ``?`` is a parameter, ``?json``
+    a JSON one (bound as text; JSONB on PostgreSQL)."""
+    if backend == "postgresql":
+        return template.replace("?json", "%s::jsonb").replace("?", "%s")
+    return template.replace("?json", "?")
+
+
+@dataclass(frozen=True, slots=True)
+class _AppendSql:
+    """Every statement of an append, in one backend's driver paramstyle.
+
+    The head statements take (stream id, command id). On PostgreSQL the
+    writes are ``write_sandbox`` or ``write_stream`` (one statement each,
+    named parameters); on SQLite the statements from ``insert_events`` on.
+    ``rebuild_projections`` fills the tables with the ``insert_*`` ones, on
+    both backends.
+    """
+
+    lock: str
+    sandbox_head: str
+    stream_head: str
+    version_at: str
+    stream_version: str
+    stream_events: str
+    slot_holder: str
+    write_sandbox: str
+    write_stream: str
+    insert_events: str
+    positions: str
+    insert_sandbox: str
+    #: By (state changed, host changed): only those columns are set.
+    update_sandbox: dict[tuple[bool, bool], str]
+    delete_slot: str
+    insert_slot: str
+    delete_resource: str
+    insert_resource: str
+    update_resource: str
+    insert_command: str
+
+    @classmethod
+    def of(cls, backend: str) -> _AppendSql:
+        def sql(template: str) -> str:
+            return _driver_sql(template, backend)
+
+        def update(state: bool, host: bool) -> str:
+            sets = ["state = ?"] if state else []
+            sets += ["host_id = ?"] if host else []
+            sets += [
+                "version = ?",
+                "last_error = ?",
+                "created_at = ?",
+                "updated_at = ?",
+                "config_summary = ?json",
+                "snapshot = ?json",
+            ]
+            return sql(f"UPDATE sandboxes SET {', '.join(sets)} WHERE id = ?")
+
+        columns = ", ".join(c.name for c in EVENT_COLUMNS)
+        return cls(
+            lock=sql("SELECT pg_advisory_xact_lock(?)"),
+            sandbox_head=sql(
+                "SELECT s.version, s.state, s.host_id, s.snapshot, "
+                + _HEAD_COMMAND
+                + _HEAD_JOINS
+                + "LEFT JOIN sandboxes AS s ON s.id = ? "
+                "LEFT JOIN commands AS c ON c.command_id = ?"
+            ),
+            stream_head=sql(
+                "SELECT (SELECT max(version) FROM events WHERE stream_id = ?), "
+                "NULL, NULL, NULL, "
+                + _HEAD_COMMAND
+                + _HEAD_JOINS
+                + "LEFT JOIN commands AS c ON c.command_id = ?"
+            ),
+            version_at=sql("SELECT version FROM events WHERE position = ?"),
+            stream_version=sql("SELECT max(version) FROM events WHERE stream_id = ?"),
+            stream_events=sql(
+                f"SELECT {columns} FROM events "
+                "WHERE stream_id = ? AND version <= ? ORDER BY version"
+            ),
+            slot_holder=sql(
+                "SELECT sandbox_id FROM network_slots WHERE host_id = ? AND slot = ?"
+            ),
+            write_sandbox=_PG_WRITE.format(
+                columns=_INSERT_COLUMNS,
+                projection=_PG_WRITE_PROJECTION.format(
+                    sandbox_columns=_SANDBOX_COLUMNS
+                ),
+            ),
+            write_stream=_PG_WRITE.format(columns=_INSERT_COLUMNS, projection=""),
+            insert_events=sql(
+                f"INSERT INTO events ({_INSERT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            positions=sql(
+                "SELECT position FROM events "
+                "WHERE stream_id = ? AND version > ? ORDER BY version"
+            ),
+            insert_sandbox=sql(
+                f"INSERT INTO sandboxes ({_SANDBOX_COLUMNS}, id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?json, ?json, ?)"
+            ),
+            update_sandbox={
+                (state, host): update(state, host)
+                for state in (False, True)
+                for host in (False, True)
+            },
+            delete_slot=sql(
+                "DELETE FROM network_slots "
+                "WHERE sandbox_id = ? AND host_id = ? AND slot = ?"
+            ),
+            insert_slot=sql(
+                "INSERT INTO network_slots (host_id, slot, sandbox_id) VALUES (?, ?, ?)"
+            ),
+            delete_resource=sql(
+                "DELETE FROM resources WHERE sandbox_id = ? AND kind = ? AND name = ?"
+            ),
+            insert_resource=sql(
+                "INSERT INTO resources (sandbox_id, kind, name, host_id, status) "
+                "VALUES (?, ?, ?, ?, ?)"
+            ),
+            update_resource=sql(
+                "UPDATE resources SET host_id = ?, status = ? "
+                "WHERE sandbox_id = ? AND kind = ? AND name = ?"
+            ),
+            insert_command=sql(
+                "INSERT INTO commands (command_id, stream_id, command, "
+                "first_position, last_position, recorded_at) VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+        )
+
+
+def _sqlite_time(value: datetime) -> str:
+    """A time as SQLite keeps it: naive UTC text of one fixed width
+    (``2024-05-01 12:00:00.000000``, as ``schema.UTCDateTime`` writes it)."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]  # without "+00:00"
+
+
+def _bind_sqlite_time(value: datetime | None) -> str | None:
+    return _sqlite_time(value) if value is not None else None
+
+
+def _bind_pg_time(value: datetime | None) -> datetime | None:
+    return value
+
+
+def _second(pair: Sequence[Any]) -> Any:
+    return pair[1]
+
+
 # --- the store --------------------------------------------------------------------
 
 
@@ -381,6 +778,16 @@ class SqlEventStore(EventStore):
         )
         self._listener: _PgListener | None = None
         self._listener_lock = threading.Lock()
+        # Appends use driver SQL (see ``append``); on PostgreSQL from a pool
+        # of autocommit connections of their own, for pipeline mode.
+        self._sql = _AppendSql.of(self._backend)
+        self._bind_time = _bind_pg_time if self._is_pg else _bind_sqlite_time
+        self._append_engine = (
+            _pg_append_engine(self._engine.url) if self._is_pg else self._engine
+        )
+        # SQLite returns a snapshot as the very text an append wrote: the state
+        # it came from can be kept and checked by comparing the two.
+        self._states = None if self._is_pg else _StateCache()
 
     def __repr__(self) -> str:
         return f"SqlEventStore({safe_url(self._engine.url)!r})"
@@ -424,7 +831,57 @@ class SqlEventStore(EventStore):
         with self._guard(), engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def _append_tx(self) -> Iterator[Any]:
+        """The append's write transaction, on a pooled DBAPI connection.
+
+        SQLite: ``BEGIN IMMEDIATE`` ... ``COMMIT`` on the store's own pool;
+        each statement runs when it is sent.
+
+        PostgreSQL: an autocommit connection of the append's own pool, in
+        pipeline mode, with no BEGIN: everything up to the pipeline's Sync is
+        one implicit transaction, which the server commits at the Sync, or
+        rolls back if a statement failed. The lock and the reads go out
+        together and come back in one round trip, when the first result is
+        fetched; the one write statement goes with the Sync, in a second.
+        Each statement gets a snapshot taken after the lock is held, so
+        every read sees every append committed before this one. An append
+        sends its write last, after every check: an error raised in Python
+        before that leaves nothing to commit but reads.
+        """
+        with self._guard():
+            raw = self._append_engine.raw_connection()
+            conn: Any = raw.driver_connection
+            try:
+                if self._is_pg:
+                    with conn.pipeline():
+                        conn.execute(self._sql.lock, (APPEND_LOCK_KEY,))
+                        yield conn
+                else:
+                    conn.execute("BEGIN IMMEDIATE")
+                    yield conn
+                    conn.execute("COMMIT")
+            except BaseException:
+                try:
+                    conn.rollback()
+                except _DRIVER_ERRORS:
+                    raw.invalidate()  # broken: the pool must not hand it out again
+                raise
+            finally:
+                raw.close()
+
     # --- append -------------------------------------------------------------
+    #
+    # The append is the store's hot path (a lifecycle command makes a dozen),
+    # so it talks to the driver directly, with the statements of ``_AppendSql``
+    # written out once per backend: SQLAlchemy Core costs about 80 us per
+    # statement here, the driver a few. Everything else uses Core.
+    #
+    # Reads first, in one statement (the stream's head, the last event's time,
+    # the command id's record). Then the projection is folded in Python
+    # (evolve reads no positions, so it needs none), and everything to write
+    # is collected in ``_Writes`` and sent: statement by statement on SQLite,
+    # as one statement on PostgreSQL.
 
     def append(
         self,
@@ -441,95 +898,79 @@ class SqlEventStore(EventStore):
         if command_id is not None:
             metadata = replace(metadata, command_id=command_id)
 
-        # Refuse unknown types before anything is written; fold the shape
-        # a reader will see.
-        payloads = [_json_clean(e.data) for e in events]
+        # Serialize once: the text is stored, and its parse (one scan for the
+        # batch) is what a reader will get back, upcast as a reader gets it.
+        # Unknown types are refused before anything is written.
+        texts = [json.dumps(e.data) for e in events]
+        datas = _json_text(f"[{','.join(texts)}]")
         shapes = [
-            upcast(stream_id, expected_version + i, e.type, e.schema_version, data)
-            for i, (e, data) in enumerate(zip(events, payloads, strict=True), 1)
+            (e.schema_version, data)
+            if current_version(e.type) == e.schema_version
+            else upcast(stream_id, expected_version + i, e.type, e.schema_version, data)
+            for i, (e, data) in enumerate(zip(events, datas, strict=True), 1)
         ]
 
+        project = is_sandbox_stream(stream_id)
         attempt = _Attempt(stream_id, expected_version, command_id, command)
         conflict = partial(self._conflict, attempt=attempt)
-        with _translate("append", conflict), self._write() as conn:
-            if command_id is not None:
-                earlier = self._replay(conn, command_id, stream_id, command)
-                if earlier is not None:
-                    logger.debug(
-                        "sandbox %s: command %s already applied", stream_id, command_id
-                    )
-                    return earlier
-
-            actual = self._stream_version(conn, stream_id)
-            if actual != expected_version:
-                raise ConcurrencyError(stream_id, expected_version, actual)
-
-            # A host stream (reconcile's record) is no sandbox: no projection.
-            project = is_sandbox_stream(stream_id)
-            state, before = (
-                self._projected_state(conn, stream_id, actual)
-                if project
-                else (None, None)
+        with _translate("append", conflict), self._append_tx() as tx:
+            head = _Head(
+                *tx.execute(
+                    self._sql.sandbox_head if project else self._sql.stream_head,
+                    (stream_id, command_id),
+                ).fetchone()
             )
-            now = datetime.now(UTC)
-            rows = [
-                {
-                    "stream_id": stream_id,
-                    "version": expected_version + i,
-                    "type": e.type,
-                    "schema_version": e.schema_version,
-                    "data": data,
-                    "actor": metadata.actor,
-                    "host_id": metadata.host_id,
-                    "command_id": metadata.command_id,
-                    "correlation_id": metadata.correlation_id,
-                    "causation_id": metadata.causation_id,
-                    "recorded_at": now,
-                }
-                for i, (e, data) in enumerate(zip(events, payloads, strict=True), 1)
-            ]
-            positions = self._insert_events(conn, rows)
+            earlier = self._replay(tx, head, command_id, stream_id, command)
+            if earlier is not None:
+                logger.debug(
+                    "sandbox %s: command %s already applied", stream_id, command_id
+                )
+                return earlier
 
+            now, bound_now = self._append_time(head.last_time)
+            writes = _Writes(
+                stream_id,
+                expected_version,
+                events,
+                texts,
+                metadata,
+                bound_now,
+                command_id,
+                command,
+            )
+            state: SandboxState | None = None
             if project:
-                for row, position, (schema_version, data) in zip(
-                    rows, positions, shapes, strict=True
+                state, held = self._fold_base(tx, stream_id, expected_version, head)
+                for i, (e, (schema_version, data)) in enumerate(
+                    zip(events, shapes, strict=True), 1
                 ):
                     state = evolve(
                         state,
                         RecordedEvent(
-                            position=position,
-                            stream_id=stream_id,
-                            version=row["version"],
-                            type=row["type"],
-                            schema_version=schema_version,
-                            data=data,
-                            metadata=metadata,
-                            recorded_at=now,
+                            0,  # not read by evolve; not known until inserted
+                            stream_id,
+                            expected_version + i,
+                            e.type,
+                            schema_version,
+                            data,
+                            metadata,
+                            now,
                         ),
                     )
                 assert state is not None
-                self._write_projection(conn, before, state, attempt)
+                self._plan_projection(tx, writes, held, state, attempt)
+            elif (head.version or 0) != expected_version:
+                # A host stream (reconcile's record) is no sandbox: no projection.
+                raise ConcurrencyError(stream_id, expected_version, head.version or 0)
 
-            result = AppendResult(
-                stream_id, expected_version + len(rows), positions[0], positions[-1]
-            )
-            if command_id is not None:
-                conn.execute(
-                    sa.insert(commands),
-                    {
-                        "command_id": command_id,
-                        "stream_id": stream_id,
-                        "command": command,
-                        "first_position": result.first_position,
-                        "last_position": result.last_position,
-                        "recorded_at": now,
-                    },
-                )
-            if self._is_pg:
-                conn.execute(
-                    sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(positions[-1])))
-                )
+            pending = self._send(tx, writes)
 
+        if self._states is not None and state is not None and writes.sandbox:
+            self._states.put(stream_id, writes.sandbox[7], state)
+        positions = pending()
+        result = AppendResult(
+            stream_id, expected_version + len(events), positions[0], positions[-1]
+        )
         logger.debug(
             "sandbox %s: appended versions %d-%d at positions %d-%d",
             stream_id,
@@ -540,184 +981,280 @@ class SqlEventStore(EventStore):
         )
         return result
 
-    def _insert_events(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
-        if len(rows) == 1:
-            key = conn.execute(sa.insert(events), rows[0]).inserted_primary_key
-            assert key is not None
-            return [int(key[0])]
-        stmt = sa.insert(events).returning(
-            events.c.position, sort_by_parameter_order=True
-        )
-        return [int(p) for p in conn.execute(stmt, rows).scalars()]
-
-    def _stream_version(self, conn: Connection, stream_id: str) -> int:
-        stmt = sa.select(sa.func.max(events.c.version)).where(
-            events.c.stream_id == stream_id
-        )
-        return int(conn.execute(stmt).scalar() or 0)
-
     def _replay(
-        self, conn: Connection, command_id: str, stream_id: str, command: str
+        self,
+        tx: Any,
+        head: _Head,
+        command_id: str | None,
+        stream_id: str,
+        command: str,
     ) -> AppendResult | None:
         """The earlier result of ``command_id``, or None if it is new."""
-        row = conn.execute(
-            sa.select(commands).where(commands.c.command_id == command_id)
-        ).first()
-        if row is None:
+        if command_id is None or head.command_stream is None:
             return None
-        if row.stream_id != stream_id or row.command != command:
+        if head.command_stream != stream_id or head.command != command:
             raise IdempotencyError(
                 command_id,
-                f"{row.command or 'a command'} on sandbox {row.stream_id}",
+                f"{head.command or 'a command'} on sandbox {head.command_stream}",
                 f"{command or 'a command'} on sandbox {stream_id}",
             )
-        version = conn.execute(
-            sa.select(events.c.version).where(events.c.position == row.last_position)
-        ).scalar_one()
+        (version,) = tx.execute(self._sql.version_at, (head.command_last,)).fetchone()
         return AppendResult(
-            row.stream_id,
+            head.command_stream,
             int(version),
-            int(row.first_position),
-            int(row.last_position),
+            int(head.command_first),
+            int(head.command_last),
             replayed=True,
         )
 
-    def _projected_state(
-        self,
-        conn: Connection,
-        stream_id: str,
-        version: int,
-    ) -> tuple[SandboxState | None, SandboxState | None]:
-        """The state at ``version`` to fold onto, and the one the tables show.
+    def _fold_base(
+        self, tx: Any, stream_id: str, expected_version: int, head: _Head
+    ) -> tuple[SandboxState | None, _Held]:
+        """The state to fold the new events onto, and what the tables hold.
 
-        Normally both are the stored snapshot. When the snapshot lags the
-        log (events written by other means), the stream is folded afresh and
-        the tables are brought in line by the diff.
+        ``head`` has the sandbox's projection row. When its version is the one
+        expected, its snapshot is the base: if the log were ahead of it all
+        the same, inserting the next version would violate the unique
+        (stream, version) index, which reads as ConcurrencyError. Otherwise
+        the log decides: another version is a ConcurrencyError; the same one
+        means the projection lags the log (events written by other means), so
+        the stream is folded afresh and the tables are brought in line by the
+        difference from what the stale row says.
         """
-        row = conn.execute(
-            sa.select(sandboxes.c.version, sandboxes.c.snapshot).where(
-                sandboxes.c.id == stream_id
-            )
-        ).first()
-        stored = SandboxState.from_dict(row.snapshot) if row is not None else None
-        if (stored.version if stored else 0) == version:
-            # evolve mutates its state, and from_dict shares the snapshot's
-            # dicts: the picture of the tables needs its own copy.
-            before = (
-                SandboxState.from_dict(copy.deepcopy(row.snapshot)) if row else None
-            )
-            return stored, before
+        stored = self._states.take(stream_id, head.snapshot) if self._states else None
+        if stored is None and head.snapshot is not None:
+            stored = SandboxState.from_dict(_json_value(head.snapshot))
+        # Taken before folding: evolve mutates the state it is given.
+        held = _Held.of(head, stored)
+        if (head.version or 0) == expected_version:
+            return stored, held
 
+        (actual,) = tx.execute(self._sql.stream_version, (stream_id,)).fetchone()
+        actual = int(actual or 0)
+        if actual != expected_version:
+            raise ConcurrencyError(stream_id, expected_version, actual)
         logger.warning(
             "sandbox %s: projection at version %s but the log at %d; "
             "folding the stream afresh",
             stream_id,
-            stored.version if stored else "none",
-            version,
+            head.version if head.version is not None else "none",
+            actual,
         )
-        stmt = (
-            sa.select(*RAW_EVENT_COLUMNS)
-            .where(events.c.stream_id == stream_id, events.c.version <= version)
-            .order_by(events.c.version)
-        )
-        state = fold(_decode(conn.execute(stmt)))
-        return state, stored
+        rows = tx.execute(self._sql.stream_events, (stream_id, actual)).fetchall()
+        return fold(_decode(rows)), held
 
-    def _write_projection(
+    def _append_time(self, last: Any) -> tuple[datetime, Any]:
+        """The append's time, and the same as the driver binds it.
+
+        The clock's time, but never before the last event's: under the append
+        lock this keeps ``recorded_at`` non-decreasing in position order (even
+        when a clock steps back or hosts disagree), which lets a time range be
+        answered as a position range (``query``).
+        """
+        clock = datetime.now(UTC)
+        if self._is_pg:
+            now = max(clock, last.astimezone(UTC)) if last is not None else clock
+            return now, now
+        # SQLite keeps naive UTC text of one fixed width: in time order as text.
+        text = _sqlite_time(clock)
+        if last is not None and last > text:
+            return _utc(last), last
+        return clock, text
+
+    def _plan_projection(
         self,
-        conn: Connection,
-        before: SandboxState | None,
+        tx: Any,
+        writes: _Writes,
+        before: _Held,
         after: SandboxState,
         attempt: _Attempt,
     ) -> None:
-        row = _sandbox_row(after)
-        if before is None:
-            conn.execute(sa.insert(sandboxes), row)
-        else:
-            conn.execute(
-                sa.update(sandboxes).where(sandboxes.c.id == after.id),
-                {k: v for k, v in row.items() if k != "id"},
-            )
+        """Add the sandbox row and the slot and resource changes to ``writes``.
 
-        old_slots = _slot_rows(before) if before is not None else {}
+        A slot newly held is checked first: held by another sandbox, SlotTaken.
+        """
+        bind_time = self._bind_time
+        writes.new_sandbox = before.version is None
+        writes.sandbox = (
+            str(after.state),
+            after.version,
+            after.host_id,
+            after.last_error,
+            bind_time(after.created_at),
+            bind_time(after.updated_at),
+            json.dumps(config_summary(after)),
+            json.dumps(after.to_dict()),
+            after.id,
+        )
+        writes.state_changed = str(after.state) != before.state
+        writes.host_changed = after.host_id != before.host_id
+
         new_slots = _slot_rows(after)
-        gone = [k for k in old_slots if k not in new_slots]
-        if gone:
-            conn.execute(
-                sa.delete(network_slots).where(
-                    network_slots.c.sandbox_id == after.id,
-                    sa.tuple_(network_slots.c.host_id, network_slots.c.slot).in_(gone),
-                )
-            )
-        claims: list[tuple[str, int]] = []
-        for host_id, slot in (k for k in new_slots if k not in old_slots):
-            holder = self._slot_holder(conn, host_id, slot)
+        writes.slots_gone = [k for k in before.slots if k not in new_slots]
+        for host_id, slot in (k for k in new_slots if k not in before.slots):
+            holder = self._slot_holder(tx, host_id, slot)
             if holder is not None and holder != after.id:
                 raise SlotTaken(host_id, slot, holder)
             if holder is None:
-                claims.append((host_id, slot))
-        if claims:
-            attempt.claimed_slots = claims
-            conn.execute(
-                sa.insert(network_slots),
-                [{"host_id": h, "slot": s, "sandbox_id": after.id} for h, s in claims],
-            )
+                writes.slots_claimed.append((host_id, slot))
+        attempt.claimed_slots = writes.slots_claimed
 
-        old_res = _resource_rows(before) if before is not None else {}
         new_res = _resource_rows(after)
-        if old_res == new_res:
+        old_res = before.resources
+        if new_res == old_res:
             return
-        gone_res = [k for k in old_res if k not in new_res]
-        if gone_res:
-            conn.execute(
-                sa.delete(resources).where(
-                    resources.c.sandbox_id == after.id,
-                    sa.tuple_(resources.c.kind, resources.c.name).in_(gone_res),
-                )
-            )
-        added = [
-            {"sandbox_id": after.id, "kind": k, "name": n, "host_id": h, "status": s}
-            for (k, n), (h, s) in new_res.items()
-            if (k, n) not in old_res
-        ]
-        if added:
-            conn.execute(sa.insert(resources), added)
-        changed = [
-            {"b_kind": k, "b_name": n, "b_host": h, "b_status": s}
-            for (k, n), (h, s) in new_res.items()
-            if (k, n) in old_res and old_res[(k, n)] != (h, s)
-        ]
-        if changed:
-            conn.execute(
-                sa.update(resources)
-                .where(
-                    resources.c.sandbox_id == after.id,
-                    resources.c.kind == sa.bindparam("b_kind"),
-                    resources.c.name == sa.bindparam("b_name"),
-                )
-                .values(
-                    host_id=sa.bindparam("b_host"), status=sa.bindparam("b_status")
-                ),
-                changed,
-            )
+        writes.resources_gone = [k for k in old_res if k not in new_res]
+        for key, (host_id, status) in new_res.items():
+            if key not in old_res:
+                writes.resources_added.append((*key, host_id, status))
+            elif old_res[key] != (host_id, status):
+                writes.resources_changed.append((*key, host_id, status))
 
-    def _slot_holder(self, conn: Connection, host_id: str, slot: int) -> str | None:
-        return conn.execute(
-            sa.select(network_slots.c.sandbox_id).where(
-                network_slots.c.host_id == host_id, network_slots.c.slot == slot
+    def _slot_holder(self, tx: Any, host_id: str, slot: int) -> str | None:
+        row = tx.execute(self._sql.slot_holder, (host_id, slot)).fetchone()
+        return str(row[0]) if row is not None else None
+
+    def _send(self, tx: Any, writes: _Writes) -> Callable[[], list[int]]:
+        """Send every write of an append; return how to get the positions of
+        its events once the transaction has ended."""
+        if self._is_pg:
+            return self._send_pg(tx, writes)
+        positions = self._send_sqlite(tx, writes)
+        return lambda: positions
+
+    def _send_sqlite(self, tx: Any, w: _Writes) -> list[int]:
+        sql = self._sql
+        meta = w.meta()
+        rows = [
+            (w.stream_id, w.expected_version + i, e.type, e.schema_version, text, *meta)
+            for i, (e, text) in enumerate(zip(w.events, w.texts, strict=True), 1)
+        ]
+        if len(rows) == 1:
+            positions = [tx.execute(sql.insert_events, rows[0]).lastrowid]
+        else:
+            tx.cursor().executemany(sql.insert_events, rows)
+            found = tx.execute(sql.positions, (w.stream_id, w.expected_version))
+            positions = [p for (p,) in found.fetchall()]
+
+        if w.sandbox is not None:
+            sid = w.sandbox[-1]
+            if w.new_sandbox:
+                tx.execute(sql.insert_sandbox, w.sandbox)
+            else:
+                # An indexed column is written only when it changes: SQLite
+                # rewrites an index entry for every column it is told to set.
+                update = sql.update_sandbox[(w.state_changed, w.host_changed)]
+                state, version, host_id, *rest = w.sandbox
+                params = (
+                    ((state,) if w.state_changed else ())
+                    + ((host_id,) if w.host_changed else ())
+                    + (version, *rest)
+                )
+                tx.execute(update, params)
+            many = tx.cursor().executemany
+            if w.slots_gone:
+                many(sql.delete_slot, [(sid, h, s) for h, s in w.slots_gone])
+            if w.slots_claimed:
+                many(sql.insert_slot, [(h, s, sid) for h, s in w.slots_claimed])
+            if w.resources_gone:
+                many(sql.delete_resource, [(sid, k, n) for k, n in w.resources_gone])
+            if w.resources_added:
+                many(sql.insert_resource, [(sid, *r) for r in w.resources_added])
+            if w.resources_changed:
+                many(
+                    sql.update_resource,
+                    [(h, st, sid, k, n) for k, n, h, st in w.resources_changed],
+                )
+        if w.command_id is not None:
+            tx.execute(
+                sql.insert_command,
+                (
+                    w.command_id,
+                    w.stream_id,
+                    w.command,
+                    positions[0],
+                    positions[-1],
+                    w.now,
+                ),
             )
-        ).scalar()
+        return positions
+
+    def _send_pg(self, tx: Any, w: _Writes) -> Callable[[], list[int]]:
+        # The events' data is already JSON text: spliced in, not re-encoded.
+        events = ",".join(
+            f'{{"version":{w.expected_version + i},"type":{json.dumps(e.type)},'
+            f'"schema_version":{int(e.schema_version)},"data":{text}}}'
+            for i, (e, text) in enumerate(zip(w.events, w.texts, strict=True), 1)
+        )
+        actor, host_id, command_id, correlation_id, causation_id, now = w.meta()
+        params: dict[str, Any] = {
+            "stream_id": w.stream_id,
+            "events": f"[{events}]",
+            "actor": actor,
+            "host_id": host_id,
+            "command_id": command_id,
+            "correlation_id": correlation_id,
+            "causation_id": causation_id,
+            "now": now,
+            "command": w.command,
+            "channel": NOTIFY_CHANNEL,
+        }
+        if w.sandbox is None:
+            cursor = tx.execute(self._sql.write_stream, params)
+        else:
+            (
+                params["state"],
+                params["version"],
+                params["sandbox_host_id"],
+                params["last_error"],
+                params["created_at"],
+                params["updated_at"],
+                params["config_summary"],
+                params["snapshot"],
+                _id,
+            ) = w.sandbox
+            params["new"] = w.new_sandbox
+            params["changes"] = json.dumps(
+                {
+                    "gone_slots": [{"host_id": h, "slot": s} for h, s in w.slots_gone],
+                    "new_slots": [
+                        {"host_id": h, "slot": s} for h, s in w.slots_claimed
+                    ],
+                    "gone_resources": [
+                        {"kind": k, "name": n} for k, n in w.resources_gone
+                    ],
+                    "new_resources": [
+                        {"kind": k, "name": n, "host_id": h, "status": s}
+                        for k, n, h, s in w.resources_added
+                    ],
+                    "changed_resources": [
+                        {"kind": k, "name": n, "host_id": h, "status": s}
+                        for k, n, h, s in w.resources_changed
+                    ],
+                }
+            )
+            cursor = tx.execute(self._sql.write_sandbox, params)
+        # Sent with the pipeline's Sync: the rows come back with the commit.
+        # RETURNING promises no order: sort by version.
+        return lambda: [row[0] for row in sorted(cursor.fetchall(), key=_second)]
 
     def _conflict(self, constraint: str, attempt: _Attempt) -> StoreError | None:
         """The typed error behind a constraint violation of an append.
 
         The explicit checks in ``append`` come first and normally answer; a
-        violation means someone wrote without taking the append lock.
+        violation means a projection disagreed with the log, or someone
+        wrote without taking the append lock.
         """
         if constraint == "uq_events_stream_version":
             with self._read() as conn:
-                actual = self._stream_version(conn, attempt.stream_id)
-            return ConcurrencyError(attempt.stream_id, attempt.expected_version, actual)
+                actual = conn.execute(
+                    sa.select(sa.func.max(events.c.version)).where(
+                        events.c.stream_id == attempt.stream_id
+                    )
+                ).scalar()
+            return ConcurrencyError(
+                attempt.stream_id, attempt.expected_version, int(actual or 0)
+            )
         if constraint == "pk_commands" and attempt.command_id is not None:
             return IdempotencyError(
                 attempt.command_id,
@@ -727,7 +1264,12 @@ class SqlEventStore(EventStore):
         if constraint == "pk_network_slots":
             with self._read() as conn:
                 for host_id, slot in attempt.claimed_slots:
-                    holder = self._slot_holder(conn, host_id, slot)
+                    holder = conn.execute(
+                        sa.select(network_slots.c.sandbox_id).where(
+                            network_slots.c.host_id == host_id,
+                            network_slots.c.slot == slot,
+                        )
+                    ).scalar()
                     if holder is not None and holder != attempt.stream_id:
                         return SlotTaken(host_id, slot, holder)
         return None
@@ -778,9 +1320,9 @@ class SqlEventStore(EventStore):
     def query(self, query: EventQuery) -> list[RecordedEvent]:
         if query.limit < 1:
             raise ValueError(f"query limit must be at least 1, not {query.limit}")
-        stmt = sa.select(*RAW_EVENT_COLUMNS).where(
-            events.c.position > query.after_position
-        )
+        since = _aware(query.since, "since") if query.since is not None else None
+        until = _aware(query.until, "until") if query.until is not None else None
+        stmt = sa.select(*RAW_EVENT_COLUMNS)
         if query.sandbox_ids:
             stmt = stmt.where(events.c.stream_id.in_(list(query.sandbox_ids)))
         if query.types:
@@ -789,14 +1331,66 @@ class SqlEventStore(EventStore):
             stmt = stmt.where(events.c.actor.in_(list(query.actors)))
         if query.host_ids:
             stmt = stmt.where(events.c.host_id.in_(list(query.host_ids)))
-        if query.since is not None:
-            stmt = stmt.where(events.c.recorded_at >= _aware(query.since, "since"))
-        if query.until is not None:
-            stmt = stmt.where(events.c.recorded_at < _aware(query.until, "until"))
-        stmt = stmt.order_by(events.c.position).limit(query.limit)
-        with _translate("query events"), self._read() as conn:
-            rows = conn.execute(stmt).all()
+        stmt = stmt.order_by(events.c.position)
+
+        timed = since is not None or until is not None
+        with _translate("query events"), self._read(snapshot=timed) as conn:
+            if not timed:
+                page = stmt.where(events.c.position > query.after_position)
+                rows = conn.execute(page.limit(query.limit)).all()
+            else:
+                rows = self._query_times(conn, stmt, query, since, until)
         return _decode(rows)
+
+    def _query_times(
+        self,
+        conn: Connection,
+        stmt: sa.Select[Any],
+        query: EventQuery,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> list[Any]:
+        """One page of ``stmt`` (the other filters) within a time range.
+
+        After the ``times_ordered_after`` mark, ``recorded_at`` never decreases
+        in position order, so the events from ``since`` (inclusive) to
+        ``until`` (exclusive) are the positions from the first event at or
+        after ``since`` to the first at or after ``until``: two probes of the
+        time index, then a keyset range on position that reads one page,
+        wherever the window lies. Up to the mark (a log written before revision
+        0003 that goes back in time), the times are filtered as they are.
+        """
+        probe = sa.select(
+            log_marks.c.position,
+            _first_at(since) if since is not None else sa.null(),
+            _first_at(until) if until is not None else sa.null(),
+        ).where(log_marks.c.name == TIMES_ORDERED_AFTER)
+        mark = conn.execute(probe).first()
+
+        rows: list[Any] = []
+        ordered_after = mark[0] if mark is not None else None
+        if ordered_after is None or query.after_position < ordered_after:
+            unordered = stmt.where(events.c.position > query.after_position)
+            if ordered_after is not None:
+                unordered = unordered.where(events.c.position <= ordered_after)
+            if since is not None:
+                unordered = unordered.where(events.c.recorded_at >= since)
+            if until is not None:
+                unordered = unordered.where(events.c.recorded_at < until)
+            rows = list(conn.execute(unordered.limit(query.limit)).all())
+        if mark is None or len(rows) == query.limit:
+            return rows
+
+        ordered_after, first, end = mark
+        if since is not None and first is None:
+            return rows  # nothing was recorded at or after since
+        # One lower bound: SQLite would range over the first of several.
+        lowest = max(query.after_position, ordered_after, (first or 0) - 1)
+        page = stmt.where(events.c.position > lowest)
+        if end is not None:
+            page = page.where(events.c.position < end)
+        rows += conn.execute(page.limit(query.limit - len(rows))).all()
+        return rows
 
     def last_position(self) -> int:
         with _translate("read last position"), self._read() as conn:
@@ -894,30 +1488,42 @@ class SqlEventStore(EventStore):
             rows = _Projections.of(states.values())
             for table in (resources, network_slots, sandboxes):
                 conn.execute(sa.delete(table))
-            if rows.sandboxes:
-                conn.execute(sa.insert(sandboxes), list(rows.sandboxes.values()))
-            if rows.slots:
-                conn.execute(
-                    sa.insert(network_slots),
+            # The append's statements, through the driver: for a million
+            # events, tens of thousands of rows (JSON serialized once here).
+            sql = self._sql
+            bind_time = self._bind_time
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.executemany(
+                    sql.insert_sandbox,
                     [
-                        {"host_id": h, "slot": s, "sandbox_id": sid}
-                        for (h, s), sid in rows.slots.items()
+                        (
+                            row["state"],
+                            row["version"],
+                            row["host_id"],
+                            row["last_error"],
+                            bind_time(row["created_at"]),
+                            bind_time(row["updated_at"]),
+                            json.dumps(row["config_summary"]),
+                            json.dumps(row["snapshot"]),
+                            row["id"],
+                        )
+                        for row in rows.sandboxes.values()
                     ],
                 )
-            if rows.resources:
-                conn.execute(
-                    sa.insert(resources),
+                cursor.executemany(
+                    sql.insert_slot,
+                    [(h, s, sid) for (h, s), sid in rows.slots.items()],
+                )
+                cursor.executemany(
+                    sql.insert_resource,
                     [
-                        {
-                            "sandbox_id": sid,
-                            "kind": k,
-                            "name": n,
-                            "host_id": h,
-                            "status": st,
-                        }
+                        (sid, k, n, h, st)
                         for (sid, k, n), (h, st) in rows.resources.items()
                     ],
                 )
+            finally:
+                cursor.close()
         logger.info(
             "rebuilt the projections of %d sandboxes from %d events", len(states), count
         )
@@ -1010,6 +1616,7 @@ class SqlEventStore(EventStore):
         and over; both are restored before returning.
         """
         states: dict[str, SandboxState] = {}
+        host_streams: set[str] = set()
         decoder = _Decoder()
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         collecting = gc.isenabled()
@@ -1022,9 +1629,14 @@ class SqlEventStore(EventStore):
                 rows = cursor.fetchall()
                 for row in rows:
                     recorded = decoder(row)
-                    stream_id = recorded.stream_id
-                    if is_sandbox_stream(stream_id):
-                        states[stream_id] = evolve(states.get(stream_id), recorded)
+                    state = states.get(recorded.stream_id)
+                    if state is not None:
+                        evolve(state, recorded)  # mutates the state in place
+                    elif recorded.stream_id not in host_streams:
+                        if is_sandbox_stream(recorded.stream_id):
+                            states[recorded.stream_id] = evolve(None, recorded)
+                        else:
+                            host_streams.add(recorded.stream_id)
                 count += len(rows)
                 if len(rows) < REBUILD_BATCH:
                     return states, count
@@ -1081,6 +1693,7 @@ class SqlEventStore(EventStore):
             if self._listener is not None:
                 self._listener.stop()
                 self._listener = None
+        self._append_engine.dispose()
         self._engine.dispose()
 
 
@@ -1095,6 +1708,18 @@ def _scan_sql(dialect: sa.Dialect, after: int, limit: int) -> str:
     return str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
+def _first_at(when: datetime) -> sa.ScalarSelect[Any]:
+    """The first position after the ``times_ordered_after`` mark recorded at or
+    after ``when``, in time order (one probe of ``ix_events_recorded_at``)."""
+    return (
+        sa.select(events.c.position)
+        .where(events.c.recorded_at >= when, events.c.position > log_marks.c.position)
+        .order_by(events.c.recorded_at, events.c.position)
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
 def _aware(value: datetime, name: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, not {value.isoformat()}")
@@ -1107,17 +1732,17 @@ class _Decoder:
     The one conversion for every read path. It takes the driver's raw values
     (``RAW_EVENT_COLUMNS``: JSON text or a dict, an ISO string or a
     datetime) because a full scan of a million events is dominated by
-    per-row costs; consecutive rows of one append share their time and
-    metadata, so the last of each is reused. One decoder per read: not
-    shared between threads.
+    per-row costs: consecutive rows of one append share their time, so the
+    last one is reused, and the metadata of recent rows is kept by value
+    (a log interleaves many streams, each with few distinct metadata). One
+    decoder per read: not shared between threads.
     """
 
-    __slots__ = ("_current", "_meta", "_meta_key", "_time", "_time_key")
+    __slots__ = ("_current", "_metas", "_time", "_time_key")
 
     def __init__(self) -> None:
         self._current: dict[tuple[str, int], bool] = {}
-        self._meta_key: tuple[Any, ...] | None = None
-        self._meta = Metadata()
+        self._metas: dict[tuple[Any, ...], Metadata] = {}
         self._time_key: Any = None
         self._time = datetime.min.replace(tzinfo=UTC)
 
@@ -1150,9 +1775,11 @@ class _Decoder:
             )
 
         meta_key = (actor, host_id, command_id, correlation_id, causation_id)
-        if meta_key != self._meta_key:
-            self._meta_key = meta_key
-            self._meta = Metadata(
+        meta = self._metas.get(meta_key)
+        if meta is None:
+            if len(self._metas) >= _METADATA_KEPT:
+                self._metas.clear()
+            meta = self._metas[meta_key] = Metadata(
                 actor=actor,
                 correlation_id=correlation_id,
                 causation_id=causation_id,
@@ -1170,10 +1797,13 @@ class _Decoder:
             type_,
             schema_version,
             data,
-            self._meta,
+            meta,
             self._time,
         )
 
+
+#: Distinct metadata a decoder keeps (a few MiB at most).
+_METADATA_KEPT = 50_000
 
 _scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
@@ -1189,9 +1819,18 @@ def _json_text(text: str) -> Any:
     return value
 
 
+def _json_value(value: str | Any) -> Any:
+    """A JSON column's value: SQLite returns the text, psycopg the parse."""
+    return _json_text(value) if isinstance(value, str) else value
+
+
 def _utc(value: str | datetime) -> datetime:
     """A stored time as aware UTC (SQLite keeps naive UTC text)."""
     if isinstance(value, str):
+        if len(value) == 26 and value[19] == ".":
+            # The fixed width SQLite keeps (``YYYY-MM-DD HH:MM:SS.ffffff``):
+            # parsed with its zone, several times faster than adding it after.
+            return datetime.fromisoformat(value + "+00:00")
         value = datetime.fromisoformat(value)
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
