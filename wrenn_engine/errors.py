@@ -148,8 +148,8 @@ class DatabaseError(StoreError):
         self.detail = detail
         super().__init__(
             f"database error during {operation}: {detail}. Check that the "
-            "database is reachable and its schema is current (`wrenn-engine db "
-            "current`)."
+            "database is reachable, that its disk has free space, and that its "
+            "schema is current (`wrenn-engine db current`)."
         )
 
 
@@ -305,7 +305,8 @@ class InsufficientSpace(HostError):
         self.available = available
         super().__init__(
             f"{path}: needs {needed} bytes free but only {available} are; free "
-            "some space or move WRENN_ENGINE_HOME to a larger filesystem."
+            "some space on that filesystem, or put the sandboxes (the run "
+            "directory) on a larger one."
         )
 
 

@@ -104,6 +104,12 @@ def parse_time(text: str) -> datetime:
             f"{text!r} has no UTC offset; add one (Z for UTC, or e.g. +02:00), "
             "because a time without an offset is ambiguous"
         )
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside the years 1 to 9999 once moved to UTC"
+        ) from None
     return value
 
 
@@ -124,6 +130,8 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    if value > 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"{text} is larger than any position")
     return value
 
 
