@@ -18,7 +18,11 @@ import shutil
 import stat
 from dataclasses import dataclass
 
-from wrenn_engine.domain.config import PATH_MAX, UNIX_SOCKET_PATH_MAX, VMConfig
+from wrenn_engine.domain.config import (
+    UNIX_SOCKET_PATH_MAX,
+    VMConfig,
+    check_path,
+)
 from wrenn_engine.errors import ConfigError, HostError
 
 log = logging.getLogger(__name__)
@@ -134,7 +138,7 @@ class SandboxPaths:
     socket_path: str = ""
 
     def __post_init__(self) -> None:
-        _check_plain_path("sandbox_dir", self.sandbox_dir)
+        check_path("sandbox_dir", self.sandbox_dir)
         if self.sandbox_dir == "/":
             raise ConfigError(
                 "sandbox_dir",
@@ -143,7 +147,7 @@ class SandboxPaths:
             )
 
         for field, value in self.derived().items():
-            _check_plain_path(field, value)
+            check_path(field, value)
             if os.path.dirname(value) != self.sandbox_dir:
                 raise ConfigError(
                     field,
@@ -152,7 +156,7 @@ class SandboxPaths:
                 )
 
         if self.socket_path:
-            _check_plain_path("socket_path", self.socket_path)
+            check_path("socket_path", self.socket_path)
             size = len(self.socket_path.encode())
             if size > UNIX_SOCKET_PATH_MAX:
                 raise ConfigError(
@@ -203,37 +207,8 @@ class SandboxPaths:
         }
 
 
-def _check_plain_path(field: str, value: str) -> None:
-    if not value.startswith("/"):
-        raise ConfigError(
-            field,
-            f"{value!r} is not an absolute path",
-            hint="give the full path, starting with '/'",
-        )
-    if "\x00" in value:
-        raise ConfigError(
-            field, f"{value!r} contains a NUL byte", hint="give a plain absolute path"
-        )
-    if os.path.normpath(value) != value:
-        raise ConfigError(
-            field,
-            f"{value!r} is not in normal form",
-            limit="no '.', '..', '//' or trailing '/'",
-            hint=f"write it as {os.path.normpath(value)!r}",
-        )
-    if "," in value or "=" in value:
-        raise ConfigError(
-            field,
-            f"{value!r} contains ',' or '='",
-            limit="no ',' or '=' (the VMM's option syntax uses them)",
-            hint="choose another directory",
-        )
-    if len(value.encode()) > PATH_MAX:
-        raise ConfigError(field, "is too long", limit=f"{PATH_MAX} bytes")
-
-
 def _split(path: str) -> tuple[str, str]:
-    _check_plain_path("sandbox_dir", path)
+    check_path("sandbox_dir", path)
     parent, name = os.path.split(path)
     if not name:
         raise HostError("refusing to use the root directory as a sandbox directory")
