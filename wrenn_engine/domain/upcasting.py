@@ -62,7 +62,7 @@ def upcast(
 # --- the project's own upcasters ------------------------------------------------
 #
 # None yet: every event type is at schema version 1. When a shape changes,
-# bump the class's ``schema_version`` and add a function here, e.g.
-#
-#     @upcaster("vmm.exited", 1)
-#     def _vmm_exited_v1(data): return {**data, "detail": ""}
+# bump the class's ``schema_version`` and register, below this comment, a
+# function decorated with ``upcaster(<type>, <old version>)`` that returns the
+# data in the next version's shape (for instance with a new field's default
+# filled in). tests/store/test_upcasting.py shows one end to end.
