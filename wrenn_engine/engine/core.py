@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -709,8 +710,6 @@ class Engine:
         template_id: str,
     ) -> VMConfig:
         """The config as requested: the caller's fields plus the engine's layout."""
-        from dataclasses import replace
-
         fields: dict[str, Any] = {
             "sandbox_id": sandbox_id,
             "kernel_path": base.kernel_path or kernel_path,
@@ -733,7 +732,7 @@ class Engine:
             fields["socket_path"] = base.socket_path or os.path.join(
                 run_dir, f"{sandbox_id}.sock"
             )
-        return replace(base, **fields)
+        return dataclasses.replace(base, **fields)
 
     def _vmm_bin(self) -> str:
         choice = self.settings.vmm

@@ -19,6 +19,7 @@ that belong to no sandbox.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from wrenn_engine.domain import events as ev
 from wrenn_engine.domain.events import Metadata, host_stream
@@ -28,14 +29,14 @@ from wrenn_engine.host.base import VmmProcess, VmmSpec
 from wrenn_engine.host.procinfo import instance_alive
 from wrenn_engine.lifecycle.runner import describe
 
+if TYPE_CHECKING:
+    from wrenn_engine.engine.core import Engine
+
 log = logging.getLogger(__name__)
 
 
 class Reconciler:
-    def __init__(self, engine: object):
-        from wrenn_engine.engine.core import Engine
-
-        assert isinstance(engine, Engine)
+    def __init__(self, engine: Engine):
         self.engine = engine
         self.store = engine.store
         self.host_id = engine.host_id

@@ -15,7 +15,7 @@ from typing import Any
 
 from transitions import Machine
 
-from wrenn_engine.domain.state import STABLE_STATES, TRANSIENT_STATES, State
+from wrenn_engine.domain.state import TRANSIENT_STATES, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +175,3 @@ def mermaid() -> str:
         lines.append(f"    {row['source']} --> {row['dest']}: {row['trigger']}")
     lines.append("    destroyed --> [*]")
     return "\n".join(lines) + "\n"
-
-
-def stable_states() -> list[str]:
-    return [s for s in STATES if State(s) in STABLE_STATES]

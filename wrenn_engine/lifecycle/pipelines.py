@@ -14,7 +14,7 @@ from typing import Any
 
 from wrenn_engine.domain.events import resource_key
 from wrenn_engine.domain.state import State
-from wrenn_engine.errors import ResourceBusy, VmmError
+from wrenn_engine.errors import PipelineError, ResourceBusy, VmmError
 from wrenn_engine.host import paths
 from wrenn_engine.host.base import (
     DiskSpec,
@@ -295,7 +295,10 @@ def run_vm_create(ctx: StepContext, intent: Intent) -> Result:
     config = ctx.config
     rootfs = _rootfs_plan(ctx)
     if rootfs is None:
-        raise RuntimeError("vm.create needs a prepared rootfs (rootfs.prepare)")
+        raise PipelineError(
+            ctx.command,
+            "vm.create found no prepared disk; keep rootfs.prepare before it",
+        )
     disk = DiskSpec(
         path=rootfs.disk_path,
         image_type=rootfs.image_type,
@@ -358,7 +361,10 @@ def undo_snapshot(ctx: StepContext, intent: Intent, result: Result | None) -> No
 def run_vm_restore(ctx: StepContext, intent: Intent) -> Result:
     snapshot = ctx.facts.get("snapshot")
     if not snapshot:
-        raise RuntimeError("vm.restore needs a snapshot (taken by vm.snapshot)")
+        raise PipelineError(
+            ctx.command,
+            "vm.restore found no snapshot; pause (vm.snapshot) must have taken one",
+        )
     ctx.drivers.vmm.restore(ctx.config.socket_path, snapshot)
     return {}
 

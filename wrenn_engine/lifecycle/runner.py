@@ -21,7 +21,6 @@ The same class finishes or rolls back a transition that a crash cut off
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ from transitions import EventData
 from wrenn_engine.domain import events as ev
 from wrenn_engine.domain.events import Metadata, NewEvent, RecordedEvent
 from wrenn_engine.domain.state import SandboxState, StepRecord, evolve
-from wrenn_engine.errors import SlotTaken
+from wrenn_engine.errors import LifecycleError, SlotTaken
 from wrenn_engine.lifecycle.failpoints import Failpoints
 from wrenn_engine.lifecycle.machine import CommandSpec, build_machine
 from wrenn_engine.lifecycle.steps import Intent, Pipeline, Result, Step, StepContext
@@ -200,7 +199,11 @@ class CommandRun:
         if later and later[0].phase != phase:
             self.trigger("advance")
         elif self._land_in_error:
-            self._failure = ("", RuntimeError(self._land_in_error), self._land_in_error)
+            self._failure = (
+                "",
+                LifecycleError(self._land_in_error),
+                self._land_in_error,
+            )
             self.trigger("fail")
         else:
             self.trigger("complete")
@@ -366,7 +369,7 @@ class CommandRun:
         self.done = self._recorded_steps()
         reversible = _reversible(self.done)
         ok = self.undo_done() if reversible else False
-        self._failure = (interrupted_at, RuntimeError(text), text)
+        self._failure = (interrupted_at, LifecycleError(text), text)
         if reversible and ok:
             self.trigger("rollback", to=self.transition_source())
         else:
@@ -452,7 +455,3 @@ def _after(pipeline: Pipeline, phase: str, step: Step) -> bool:
     names = pipeline.names()
     last = max((i for i, s in enumerate(pipeline) if s.phase == phase), default=-1)
     return names.index(step.name) > last
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
